@@ -1,0 +1,1 @@
+//! Cross-crate test harnesses (netns clusters, fake API server).

@@ -1,0 +1,198 @@
+//! Project orchestration: `cargo xtask setup | build | test | bench | demo`.
+//!
+//! Everything a fresh Debian 12 machine needs is installed by `setup`, idempotently, so that
+//! `cargo xtask test` (what CI runs) works on a machine that has never seen this project.
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages: LLVM 22 to build bpf-linker against the same LLVM major as the nightly
+/// rustc, plus the tools the network-namespace tests and benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "iproute2",
+    "iperf3",
+    "nftables",
+];
+
+/// The toolchain that builds the eBPF crate. It must be a nightly (for `-Z build-std=core`)
+/// whose LLVM major matches the LLVM bpf-linker is built against ([`LLVM_MAJOR`]); `setup`
+/// checks that instead of trusting the reader's memory.
+const EBPF_TOOLCHAIN: &str = "nightly";
+const LLVM_MAJOR: &str = "22";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "netsieve build, test and demo orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install toolchain components, Debian packages and bpf-linker (idempotent).
+    Setup,
+    /// Build the eBPF programs and the agent in release mode: target/release/netsieve.
+    Build,
+    /// Run setup, then every test (unit, semantics, BPF, CLI) and clippy.
+    Test,
+    /// Run the benchmarks and print side-by-side ratios.
+    Bench,
+    /// Set up, build and run the demo.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Build => build(&root),
+        Task::Test => test(&root),
+        Task::Bench => bench(&root),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask manifest directory has no parent")
+}
+
+/// Runs a command, failing with the command line in the error if it does not succeed.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout, or None when it cannot run or fails.
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> Result<()> {
+    // 1. rust-src for the nightly that builds the eBPF crate with -Z build-std=core.
+    let installed = output_of(
+        Command::new("rustup").args(["component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN]),
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))
+            .context("installing rust-src for the eBPF toolchain")?;
+    }
+    let rustc_info = output_of(Command::new("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "-vV"]))
+        .context("the nightly toolchain is missing: `rustc +nightly -vV` failed")?;
+    let llvm = rustc_info
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version: "))
+        .unwrap_or("unknown");
+    if !llvm.starts_with(&format!("{LLVM_MAJOR}.")) {
+        bail!(
+            "the {EBPF_TOOLCHAIN} toolchain uses LLVM {llvm}, but bpf-linker is built against \
+             LLVM {LLVM_MAJOR}; install a nightly with LLVM {LLVM_MAJOR}"
+        );
+    }
+
+    // 2. Debian packages, installed only when one is missing.
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                .is_none_or(|status| !status.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("installing Debian packages {missing:?}"))?;
+    }
+
+    // 3. bpf-linker, built against Debian's LLVM 22 (about 4 minutes the first time).
+    if output_of(Command::new("bpf-linker").arg("--version")).is_none() {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features"])
+            .arg(format!("llvm-{LLVM_MAJOR}"))
+            .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))
+        .context("building bpf-linker")?;
+    }
+    eprintln!("xtask: setup complete (nightly LLVM {llvm}, bpf-linker present)");
+    Ok(())
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root);
+    cmd
+}
+
+fn build(root: &Path) -> Result<()> {
+    run(cargo(root).args(["build", "--release", "--package", "netsieve", "--bin", "netsieve"]))?;
+    let binary = root.join("target/release/netsieve");
+    if !binary.is_file() {
+        bail!("build finished but {} is missing", binary.display());
+    }
+    eprintln!("xtask: built {}", binary.display());
+    Ok(())
+}
+
+fn test(root: &Path) -> Result<()> {
+    setup()?;
+    // Clippy first: it is quick once the build is warm and keeps the tree warning-free.
+    run(cargo(root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // Release mode: the differential BPF test runs many packets and the netns tests time probes.
+    run(cargo(root).args(["test", "--workspace", "--release"]))?;
+    Ok(())
+}
+
+fn bench(root: &Path) -> Result<()> {
+    setup()?;
+    run(cargo(root).args(["bench", "--package", "netsieve"]))
+}
+
+fn demo(root: &Path) -> Result<()> {
+    setup()?;
+    build(root)?;
+    let binary = root.join("target/release/netsieve");
+    let fixtures = root.join("agent/tests/fixtures");
+    // Each case: fixture directory, from, to, port, protocol.
+    let cases = [
+        ("iamnice", "default/interactivetest", "default/nginx-1", "80", "TCP"),
+        ("iamnice", "default/nice-client", "default/nginx-1", "80", "TCP"),
+        ("cache-store", "default/build-code", "secure-middleware/cache-store", "6379", "TCP"),
+        ("cache-store", "default/internal-proxy", "secure-middleware/cache-store", "6379", "TCP"),
+    ];
+    for (dir, from, to, port, protocol) in cases {
+        println!("\n$ netsieve explain --manifests {dir} --from {from} --to {to} --port {port} --protocol {protocol}");
+        let status = Command::new(&binary)
+            .arg("explain")
+            .arg("--manifests")
+            .arg(fixtures.join(dir))
+            .args(["--from", from, "--to", to, "--port", port, "--protocol", protocol])
+            .status()
+            .context("running netsieve explain")?;
+        match status.code() {
+            Some(0) | Some(1) => {}
+            _ => bail!("netsieve explain failed with {status}"),
+        }
+    }
+    Ok(())
+}
