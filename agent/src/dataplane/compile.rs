@@ -60,7 +60,7 @@ pub struct DirectionEntries {
     pub port: BTreeMap<(u8, PortPrefix), u64>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("{groups} distinct port sets in one direction; at most {MAX_RULE_GROUPS} fit the rule mask")]
     TooManyRuleGroups { groups: usize },

@@ -1,6 +1,11 @@
-//! Kernel-facing code and the pure compiler that feeds it.
+//! The dataplane: the pure compiler from policy to map entries, the synchronizer that writes
+//! them without gaps, and thin kernel-facing code (object loading, maps, bpffs).
 pub mod bpffs;
 pub mod compile;
+pub mod kernel;
 pub mod lpm;
 pub mod maps;
+pub mod node;
+pub mod packet;
 pub mod sync;
+pub mod testrun;

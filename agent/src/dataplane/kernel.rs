@@ -1,0 +1,61 @@
+//! The embedded eBPF object and loading it. Thin: no policy logic here.
+use aya::programs::{ProgramError, SchedClassifier};
+use aya::{Ebpf, EbpfError};
+
+/// The object built from `ebpf/` by `build.rs`; aligned because aya parses it in place.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netsieve"));
+
+/// Program on the veth's TC ingress: traffic the pod sends (egress policy).
+pub const PROGRAM_FROM_POD: &str = "netsieve_from_pod";
+/// Program on the veth's TC egress: traffic sent to the pod (ingress policy).
+pub const PROGRAM_TO_POD: &str = "netsieve_to_pod";
+/// Empty program, the benchmarks' baseline.
+pub const PROGRAM_PASS: &str = "netsieve_pass";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer kernels (this project needs
+/// TCX, so 6.6+) use memory cgroups instead, so a container that may not raise the limit is
+/// not an error: the soft limit is raised as far as the hard limit allows and a failure is
+/// only logged.
+pub fn raise_memlock_rlimit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit/getrlimit read or write only the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return;
+    }
+    let mut current = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: as above.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) == 0 && {
+            current.rlim_cur = current.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &current) == 0
+        }
+    };
+    if !raised {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
+    }
+}
+
+/// Loads the object (creating its maps) and loads the three programs into the kernel.
+pub fn load() -> Result<Ebpf, KernelError> {
+    let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    for name in [PROGRAM_FROM_POD, PROGRAM_TO_POD, PROGRAM_PASS] {
+        classifier(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
+    }
+    Ok(ebpf)
+}
+
+/// A program of the object as a TC classifier.
+pub fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, KernelError> {
+    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(|source| KernelError::Program { name, source })
+}
