@@ -5,6 +5,7 @@
 //! - [`manifests`]: loads Namespaces, Nodes, Pods and NetworkPolicies from YAML/JSON files.
 //! - [`explain_cmd`]: the `netsieve explain` command.
 //! - [`dataplane`]: the map compiler, the synchronizer and the kernel-facing code.
+pub mod daemon;
 pub mod dataplane;
 pub mod dir_watch;
 pub mod explain_cmd;

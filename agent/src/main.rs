@@ -14,6 +14,8 @@ enum Command {
     /// Say whether a flow is allowed by the NetworkPolicies in a directory, and why.
     /// Exit status: 0 allowed, 1 denied, 2 error.
     Explain(netsieve::explain_cmd::ExplainArgs),
+    /// Enforce NetworkPolicies for the pods of one node (runs until SIGTERM).
+    Agent(netsieve::daemon::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -21,5 +23,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Explain(args) => ExitCode::from(netsieve::explain_cmd::run(&args)),
+        Command::Agent(args) => {
+            init_logging();
+            match netsieve::daemon::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, kind = error.metric_label(), "agent failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default: info).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -1,1 +1,2 @@
-//! Cross-crate test harnesses (netns clusters, fake API server).
+//! Test harnesses: clusters of network namespaces for end-to-end tests of the agent.
+pub mod netns;

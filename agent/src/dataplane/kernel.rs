@@ -15,11 +15,11 @@ pub const PROGRAM_PASS: &str = "netsieve_pass";
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] EbpfError),
+    Load(#[from] Box<EbpfError>),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program { name: &'static str, source: Box<ProgramError> },
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Newer kernels (this project needs
@@ -47,9 +47,9 @@ pub fn raise_memlock_rlimit() {
 
 /// Loads the object (creating its maps) and loads the three programs into the kernel.
 pub fn load() -> Result<Ebpf, KernelError> {
-    let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(Box::new)?;
     for name in [PROGRAM_FROM_POD, PROGRAM_TO_POD, PROGRAM_PASS] {
-        classifier(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source })?;
+        classifier(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source: Box::new(source) })?;
     }
     Ok(ebpf)
 }
@@ -57,5 +57,5 @@ pub fn load() -> Result<Ebpf, KernelError> {
 /// A program of the object as a TC classifier.
 pub fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, KernelError> {
     let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
-    program.try_into().map_err(|source| KernelError::Program { name, source })
+    program.try_into().map_err(|source| KernelError::Program { name, source: Box::new(source) })
 }

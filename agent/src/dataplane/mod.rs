@@ -1,7 +1,9 @@
 //! The dataplane: the pure compiler from policy to map entries, the synchronizer that writes
 //! them without gaps, and thin kernel-facing code (object loading, maps, bpffs).
+pub mod attach;
 pub mod bpffs;
 pub mod compile;
+pub mod discovery;
 pub mod kernel;
 pub mod lpm;
 pub mod maps;

@@ -1,0 +1,338 @@
+//! A kindnet-like cluster made of network namespaces, for end-to-end tests.
+//!
+//! Nodes are namespaces joined by one veth "wire"; each pod is a namespace with a veth pair
+//! whose host side sits in its node's namespace with a /32 route to the pod, and whose pod side
+//! (`eth0`) routes everything via a link-local gateway address held by the host side, as
+//! kindnet's ptp plugin lays it out. Every link is created directly inside its namespaces, so nothing ever
+//! appears in the machine's own namespace, and all addresses exist only inside these
+//! namespaces. Dropping the [`Cluster`] deletes every namespace it made (which removes the
+//! links), also when a test panics; [`cleanup_stale`] removes leftovers of killed runs.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Prefix of every namespace this harness creates.
+pub const PREFIX: &str = "nsv";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("`{command}`: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("entering network namespace {name}: {source}")]
+    Enter { name: String, source: std::io::Error },
+}
+
+/// Runs `ip ARGS...` (optionally inside a namespace) and fails on a non-zero exit.
+pub fn ip(netns: Option<&str>, args: &[&str]) -> Result<(), NetnsError> {
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["netns", "exec", ns, "ip"]);
+    }
+    cmd.args(args);
+    run(cmd)
+}
+
+fn run(mut cmd: Command) -> Result<(), NetnsError> {
+    let command = format!("{cmd:?}");
+    let output = cmd.stdin(Stdio::null()).output().map_err(|source| NetnsError::Spawn { command: command.clone(), source })?;
+    if !output.status.success() {
+        return Err(NetnsError::Command { command, stderr: String::from_utf8_lossy(&output.stderr).trim().into() });
+    }
+    Ok(())
+}
+
+fn sysctl(netns: &str, setting: &str) -> Result<(), NetnsError> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, "sysctl", "-qw", setting]);
+    run(cmd)
+}
+
+/// Runs `f` on a new thread inside network namespace `netns`; sockets it creates belong to
+/// that namespace. Only that thread changes namespace.
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<Result<T, NetnsError>>, NetnsError> {
+    let path = format!("/run/netns/{netns}");
+    let name = netns.to_string();
+    let file = std::fs::File::open(&path).map_err(|source| NetnsError::Enter { name: name.clone(), source })?;
+    Ok(std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with a namespace fd we own.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(NetnsError::Enter { name, source: std::io::Error::last_os_error() });
+        }
+        Ok(f())
+    }))
+}
+
+/// A pod of the cluster.
+#[derive(Clone, Debug)]
+pub struct PodNet {
+    pub name: String,
+    pub netns: String,
+    pub node: usize,
+    pub ip: String,
+    /// Host-side veth, in the node's namespace.
+    pub host_veth: String,
+}
+
+/// A node of the cluster.
+#[derive(Clone, Debug)]
+pub struct NodeNet {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub pod_cidr: String,
+}
+
+/// The whole cluster; deleting it removes everything it created.
+pub struct Cluster {
+    pub id: String,
+    pub nodes: Vec<NodeNet>,
+    pub pods: Vec<PodNet>,
+    namespaces: Vec<String>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<Result<(), NetnsError>>>,
+}
+
+/// Deletes namespaces left by earlier runs that were killed before their cleanup ran.
+pub fn cleanup_stale() {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(&format!("{PREFIX}-")) else { continue };
+        // Only namespaces of dead test processes: the id starts with the creating pid.
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = ip(None, &["netns", "del", name]);
+        }
+    }
+}
+
+/// Namespaces whose names start with this run's id (to check cleanup).
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return Vec::new() };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+impl Cluster {
+    /// Builds `nodes` nodes; `pods` lists (pod name, node index). Pod k of node i gets
+    /// 10.250.i.(10+k); node i gets 172.31.250.(1+i) on the wire.
+    pub fn new(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
+        cleanup_stale();
+        let id = format!("{}-{tag}", std::process::id());
+        let mut cluster = Cluster {
+            id: id.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        // Short unique link names (15 characters max): the run id hashed to 6 hex digits.
+        let short = format!("{:06x}", fnv(&id) & 0xff_ffff);
+        for i in 0..nodes {
+            let netns = format!("{PREFIX}-{id}-n{i}");
+            ip(None, &["netns", "add", &netns])?;
+            cluster.namespaces.push(netns.clone());
+            ip(Some(&netns), &["link", "set", "lo", "up"])?;
+            sysctl(&netns, "net.ipv4.ip_forward=1")?;
+            cluster.nodes.push(NodeNet {
+                name: format!("node{i}"),
+                netns,
+                ip: format!("172.31.250.{}", 1 + i),
+                pod_cidr: format!("10.250.{i}.0/24"),
+            });
+        }
+        if nodes == 2 {
+            let (a, b) = (&cluster.nodes[0].netns.clone(), &cluster.nodes[1].netns.clone());
+            let (wa, wb) = (format!("w{short}a"), format!("w{short}b"));
+            ip(None, &["link", "add", &wa, "netns", a, "type", "veth", "peer", "name", &wb, "netns", b])?;
+            for (ns, link, node) in [(a, &wa, 0usize), (b, &wb, 1usize)] {
+                ip(Some(ns), &["addr", "add", &format!("{}/24", cluster.nodes[node].ip), "dev", link])?;
+                ip(Some(ns), &["link", "set", link, "up"])?;
+                let other = &cluster.nodes[1 - node];
+                ip(Some(ns), &["route", "add", &other.pod_cidr, "via", &other.ip])?;
+            }
+        }
+        let mut per_node = vec![0usize; nodes];
+        for (index, (name, node)) in pods.iter().enumerate() {
+            let node_ns = cluster.nodes[*node].netns.clone();
+            let netns = format!("{PREFIX}-{id}-p{index}");
+            ip(None, &["netns", "add", &netns])?;
+            cluster.namespaces.push(netns.clone());
+            let pod_ip = format!("10.250.{node}.{}", 10 + per_node[*node]);
+            per_node[*node] += 1;
+            let host_veth = format!("h{short}{index}");
+            ip(None, &["link", "add", &host_veth, "netns", &node_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+            ip(Some(&netns), &["link", "set", "lo", "up"])?;
+            ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+            ip(Some(&netns), &["link", "set", "eth0", "up"])?;
+            ip(Some(&netns), &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+            ip(Some(&netns), &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+            // The pod's gateway address lives on every host-side veth (as kindnet's ptp plugin
+            // gives the host side the gateway address), so the pod's ARP for it is answered.
+            ip(Some(&node_ns), &["addr", "add", "169.254.1.1/32", "dev", &host_veth, "scope", "link"])?;
+            ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
+            ip(Some(&node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
+            cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, host_veth });
+        }
+        Ok(cluster)
+    }
+
+    pub fn pod(&self, name: &str) -> &PodNet {
+        match self.pods.iter().find(|p| p.name == name) {
+            Some(pod) => pod,
+            None => panic!("no pod {name} in the test cluster"),
+        }
+    }
+
+    /// A TCP server in the pod that answers every connection with "ok".
+    pub fn serve_tcp(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), format!("{}:{port}", self.pod(pod).ip));
+        let stop = self.stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let listener = match TcpListener::bind(&addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.write_all(b"ok");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)
+    }
+
+    /// A UDP server in the pod that echoes every datagram.
+    pub fn serve_udp_echo(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), format!("{}:{port}", self.pod(pod).ip));
+        let stop = self.stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let socket = match UdpSocket::bind(&addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = ready_tx.send(Ok(()));
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)
+    }
+
+    fn wait_ready(
+        &mut self,
+        handle: JoinHandle<Result<(), NetnsError>>,
+        ready: std::sync::mpsc::Receiver<Result<(), String>>,
+    ) -> Result<(), NetnsError> {
+        self.servers.push(handle);
+        match ready.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(stderr)) => Err(NetnsError::Command { command: "bind".into(), stderr }),
+            Err(e) => Err(NetnsError::Command { command: "server start".into(), stderr: e.to_string() }),
+        }
+    }
+
+    /// Whether a TCP connection from `from` to `to_ip:port` completes and returns "ok" within
+    /// `timeout`.
+    pub fn tcp_connects(&self, from: &str, to_ip: &str, port: u16, timeout: Duration) -> bool {
+        let Ok(addr) = format!("{to_ip}:{port}").parse::<SocketAddr>() else { return false };
+        let probe = in_netns(&self.pod(from).netns, move || {
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+            let _ = stream.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 2];
+            stream.read_exact(&mut buf).is_ok() && &buf == b"ok"
+        });
+        matches!(probe.map(|h| h.join()), Ok(Ok(Ok(true))))
+    }
+
+    /// Whether a UDP datagram from `from` to `to_ip:port` is echoed back within `timeout`.
+    pub fn udp_echoes(&self, from: &str, to_ip: &str, port: u16, timeout: Duration) -> bool {
+        let Ok(addr) = format!("{to_ip}:{port}").parse::<SocketAddr>() else { return false };
+        let probe = in_netns(&self.pod(from).netns, move || {
+            let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else { return false };
+            let _ = socket.set_read_timeout(Some(timeout));
+            if socket.send_to(b"ping", addr).is_err() {
+                return false;
+            }
+            let mut buf = [0u8; 16];
+            matches!(socket.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"ping"
+        });
+        matches!(probe.map(|h| h.join()), Ok(Ok(Ok(true))))
+    }
+
+    /// Starts a command inside a node's namespace (e.g. the agent).
+    pub fn spawn_on_node(&self, node: usize, program: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::Child> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.nodes[node].netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    }
+}
+
+/// Retries `check` until it returns true or `deadline` passes; bounded in time and count.
+pub fn eventually(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    for _ in 0..1000 {
+        if check() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for server in self.servers.drain(..) {
+            let _ = server.join();
+        }
+        for netns in self.namespaces.iter().rev() {
+            let _ = ip(None, &["netns", "del", netns]);
+        }
+    }
+}
+
+/// FNV-1a, to shorten run ids into interface names.
+fn fnv(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+}
