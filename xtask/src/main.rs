@@ -176,21 +176,21 @@ fn demo(root: &Path) -> Result<()> {
     setup()?;
     build(root)?;
     let binary = root.join("target/release/netsieve");
+    // 1. What the policies say, from the seed scenarios' manifests.
     let fixtures = root.join("agent/tests/fixtures");
-    // Each case: fixture directory, from, to, port, protocol.
     let cases = [
-        ("iamnice", "default/interactivetest", "default/nginx-1", "80", "TCP"),
-        ("iamnice", "default/nice-client", "default/nginx-1", "80", "TCP"),
-        ("cache-store", "default/build-code", "secure-middleware/cache-store", "6379", "TCP"),
-        ("cache-store", "default/internal-proxy", "secure-middleware/cache-store", "6379", "TCP"),
+        ("iamnice", "default/interactivetest", "default/nginx-1", "80"),
+        ("iamnice", "default/nice-client", "default/nginx-1", "80"),
+        ("cache-store", "default/build-code", "secure-middleware/cache-store", "6379"),
+        ("cache-store", "default/internal-proxy", "secure-middleware/cache-store", "6379"),
     ];
-    for (dir, from, to, port, protocol) in cases {
-        println!("\n$ netsieve explain --manifests {dir} --from {from} --to {to} --port {port} --protocol {protocol}");
+    for (dir, from, to, port) in cases {
+        println!("\n$ netsieve explain --manifests {dir} --from {from} --to {to} --port {port} --protocol TCP");
         let status = Command::new(&binary)
             .arg("explain")
             .arg("--manifests")
             .arg(fixtures.join(dir))
-            .args(["--from", from, "--to", to, "--port", port, "--protocol", protocol])
+            .args(["--from", from, "--to", to, "--port", port, "--protocol", "TCP"])
             .status()
             .context("running netsieve explain")?;
         match status.code() {
@@ -198,5 +198,8 @@ fn demo(root: &Path) -> Result<()> {
             _ => bail!("netsieve explain failed with {status}"),
         }
     }
-    Ok(())
+    // 2. The kernel enforcing it: a two-node cluster of network namespaces on this machine.
+    println!();
+    run(cargo(root).args(["build", "--release", "--package", "netsieve-tests", "--bin", "netsieve-demo"]))?;
+    run(Command::new(root.join("target/release/netsieve-demo")).arg(&binary))
 }
