@@ -15,7 +15,7 @@ use super::lpm::PortPrefix;
 use ipnet::Ipv6Net;
 use netsieve_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_INGRESS_ISOLATED,
-    EndpointInfo, IpcacheValue, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
+    EndpointInfo, IpcacheValue, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
 };
 use std::collections::BTreeMap;
 
@@ -82,6 +82,10 @@ pub trait PolicyMaps {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// More addresses than the ipcache holds: nothing is written and the previous state stays
+    /// (missing entries would turn pods into "world" peers).
+    #[error("{needed} addresses exceed the ipcache capacity of {capacity}")]
+    IpcacheFull { needed: usize, capacity: usize },
     #[error("map update for endpoint {endpoint}: {source}")]
     Map { endpoint: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
@@ -123,6 +127,7 @@ pub struct EntryCounts {
 /// Map capacities the synchronizer plans against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
+    pub ipcache: usize,
     pub identity: usize,
     pub cidr: usize,
     pub port: usize,
@@ -131,6 +136,7 @@ pub struct Capacity {
 impl Default for Capacity {
     fn default() -> Self {
         Capacity {
+            ipcache: MAX_IPCACHE_ENTRIES as usize,
             identity: MAX_POLICY_IDENTITY_ENTRIES as usize,
             cidr: MAX_POLICY_CIDR_ENTRIES as usize,
             port: MAX_POLICY_PORT_ENTRIES as usize,
@@ -165,6 +171,9 @@ impl Synchronizer {
     /// Brings the maps from the last synced state to `target`.
     pub fn sync<M: PolicyMaps>(&mut self, maps: &mut M, target: &NodeProgram) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
+        if target.ipcache.len() > self.capacity.ipcache {
+            return Err(SyncError::IpcacheFull { needed: target.ipcache.len(), capacity: self.capacity.ipcache });
+        }
         let map_err = |endpoint: &str| {
             let endpoint = endpoint.to_string();
             move |e: M::Error| SyncError::Map { endpoint, source: Box::new(e) }
@@ -419,7 +428,7 @@ mod tests {
     #[test]
     fn a_full_map_fails_the_endpoint_closed() {
         let mut maps = ModelMaps::default();
-        let mut sync = Synchronizer::with_capacity(Capacity { identity: 1, cidr: 10, port: 10 });
+        let mut sync = Synchronizer::with_capacity(Capacity { ipcache: 10, identity: 1, cidr: 10, port: 10 });
         let mut node = NodeProgram::default();
         node.endpoints.insert("a/x".into(), program(10, 300, 80));
         node.endpoints.insert("a/y".into(), program(11, 301, 81));
@@ -429,5 +438,14 @@ mod tests {
         assert_ne!(flags & EP_FAIL_CLOSED, 0);
         assert_ne!(flags & EP_INGRESS_ISOLATED, 0);
         assert_ne!(flags & EP_EGRESS_ISOLATED, 0);
+
+        // An ipcache that does not fit is refused before anything is written.
+        let before = maps.operations;
+        for i in 0..11u8 {
+            let ip = std::net::IpAddr::from([10, 0, 0, i]);
+            node.ipcache.insert(crate::dataplane::lpm::to_mapped(ip.into()), IpcacheValue::default());
+        }
+        assert!(matches!(sync.sync(&mut maps, &node), Err(SyncError::IpcacheFull { needed: 11, capacity: 10 })));
+        assert_eq!(maps.operations, before);
     }
 }
