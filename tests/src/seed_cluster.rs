@@ -1,0 +1,160 @@
+//! The seed scenarios (`iamnice`, seed 002; `cache-store`, seed 003) laid out on a two-node
+//! [`Cluster`], and the agents that enforce them: shared by the end-to-end test and the demo.
+use crate::netns::Cluster;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// Pods of the scenario: name, namespace, node index, labels (a YAML flow map).
+pub const PODS: &[(&str, &str, usize, &str)] = &[
+    ("nginx-1", "default", 0, "{run: nginx}"),
+    ("interactivetest", "default", 0, "{run: interactivetest}"),
+    ("nice-client", "default", 1, "{run: interactivetest, iamnice: 'yeah'}"),
+    ("cache-store", "secure-middleware", 0, "{app: cache-store}"),
+    ("build-code", "default", 0, "{app: build-code}"),
+    ("internal-proxy", "default", 1, "{app: internal-proxy}"),
+];
+
+/// Seed 002: only pods labelled `iamnice: yeah` may reach nginx.
+pub const ACCESS_NGINX: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: access-nginx, namespace: default}
+spec:
+  podSelector: {matchLabels: {run: nginx}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {iamnice: 'yeah'}}
+";
+
+/// Seed 003: only internal-proxy pods of `default` may reach the cache, on 6379/TCP.
+pub const CACHE_STORE: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: cache-store-allow-ingress, namespace: secure-middleware}
+spec:
+  podSelector: {matchLabels: {app: cache-store}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: internal-proxy}}
+      namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: default}}
+    ports:
+    - {protocol: TCP, port: 6379}
+";
+
+pub const NAMESPACES: &str = "apiVersion: v1\nkind: List\nitems:\n\
+    - {apiVersion: v1, kind: Namespace, metadata: {name: default}}\n\
+    - {apiVersion: v1, kind: Namespace, metadata: {name: secure-middleware}}\n";
+
+/// The (pod, node) layout to build the [`Cluster`] with.
+pub fn layout() -> Vec<(&'static str, usize)> {
+    PODS.iter().map(|p| (p.0, p.2)).collect()
+}
+
+/// The namespace of a scenario pod.
+pub fn namespace_of(pod: &str) -> &'static str {
+    PODS.iter().find(|p| p.0 == pod).map_or("default", |p| p.1)
+}
+
+/// The pods as `kubectl get pods -o yaml` would list them, with the cluster's addresses;
+/// `relabel` replaces one pod's labels.
+pub fn pods_manifest(cluster: &Cluster, relabel: Option<(&str, &str)>) -> String {
+    let mut text = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for (name, namespace, node, labels) in PODS {
+        let labels = match relabel {
+            Some((pod, labels)) if pod == *name => labels,
+            _ => labels,
+        };
+        let ip = &cluster.pod(name).ip;
+        text.push_str(&format!(
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\n  spec: {{nodeName: node{node}, containers: [{{name: c, image: x}}]}}\n  status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+        ));
+    }
+    text
+}
+
+/// The nodes with their wire addresses (the node-traffic exception).
+pub fn nodes_manifest(cluster: &Cluster) -> String {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| format!("---\napiVersion: v1\nkind: Node\nmetadata: {{name: {}}}\nstatus: {{addresses: [{{type: InternalIP, address: {}}}]}}\n", n.name, n.ip))
+        .collect()
+}
+
+/// Writes via rename so an agent polling the directory never reads a half-written file.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes namespaces, nodes, pods and both seed policies into `dir`.
+pub fn write_manifests(dir: &Path, cluster: &Cluster) -> std::io::Result<()> {
+    write_atomically(&dir.join("namespaces.yaml"), NAMESPACES)?;
+    write_atomically(&dir.join("nodes.yaml"), &nodes_manifest(cluster))?;
+    write_atomically(&dir.join("pods.yaml"), &pods_manifest(cluster, None))?;
+    write_atomically(&dir.join("access-nginx.yaml"), ACCESS_NGINX)?;
+    write_atomically(&dir.join("cache-store.yaml"), CACHE_STORE)
+}
+
+/// One `netsieve agent --manifests` per node, each inside its node's namespace. Dropping
+/// stops them (SIGTERM, then SIGKILL after 5 s).
+pub struct Agents(Vec<Child>);
+
+impl Agents {
+    pub fn start(cluster: &Cluster, binary: &Path, manifests: &Path, extra: &[&str]) -> std::io::Result<Agents> {
+        let mut agents = Agents(Vec::new());
+        let dir = manifests.to_string_lossy().to_string();
+        for (index, node) in cluster.nodes.iter().enumerate() {
+            let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
+            let mut args = vec!["agent", "--node", &node.name, "--manifests", &dir, "--bpffs", &bpffs];
+            args.extend_from_slice(extra);
+            agents.0.push(cluster.spawn_on_node(index, binary, &args)?);
+        }
+        Ok(agents)
+    }
+
+    /// SIGTERM to every agent; returns (success, stderr) of each, in node order.
+    pub fn stop(&mut self) -> Vec<(bool, String)> {
+        let mut results = Vec::new();
+        for child in self.0.drain(..) {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let pid = child.id();
+            match wait_bounded(child, Duration::from_secs(5)) {
+                Some(output) => results.push((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())),
+                None => results.push((false, format!("agent {pid} did not stop within 5 s"))),
+            }
+        }
+        results
+    }
+}
+
+fn wait_bounded(mut child: Child, limit: Duration) -> Option<std::process::Output> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return child.wait_with_output().ok();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// Where the agents mount their own bpffs: inside `ip netns exec`'s private mount namespace,
+/// so only the empty directories remain on the machine; [`remove_mount_root`] deletes them.
+pub fn mount_root(cluster: &Cluster) -> String {
+    format!("/run/netsieve-test-{}", cluster.id)
+}
+
+pub fn remove_mount_root(cluster: &Cluster) {
+    let _ = std::fs::remove_dir_all(mount_root(cluster));
+}
