@@ -2,7 +2,8 @@
 //!
 //! On that interface TC *ingress* sees what the pod sends (its egress policy applies) and TC
 //! *egress* sees what is sent to the pod (its ingress policy applies). The lookup design and
-//! every map layout are in `netsieve-common`; the verdict logic is one inlined function so
+//! every map layout are in `netsieve-common`; the verdict logic (`try_enforce`) is one inlined
+//! function so
 //! further hooks (e.g. after kube-proxy's DNAT) can call it.
 //!
 //! Allowed packets return `TC_ACT_UNSPEC` (with TCX: "next"), so programs of other tools on the
@@ -282,18 +283,22 @@ fn next_state(protocol: u8, current: u8, flags: u8, reply: bool) -> u8 {
     }
 }
 
+/// The conntrack key of this packet's flow as seen on `ifindex`; `reversed` gives the key of
+/// the flow this packet would be a reply to.
+#[inline(always)]
+fn flow_key(ifindex: u32, packet: &Packet, reversed: bool) -> ConntrackKey {
+    let (src_port, dst_port, src_addr, dst_addr) = if reversed {
+        (packet.dst_port, packet.src_port, packet.dst, packet.src)
+    } else {
+        (packet.src_port, packet.dst_port, packet.src, packet.dst)
+    };
+    ConntrackKey { ifindex, protocol: packet.protocol, _pad: [0; 3], src_port, dst_port, src_addr, dst_addr }
+}
+
 /// Whether this packet answers a flow allowed earlier on the same interface; refreshes it.
 #[inline(always)]
 fn is_reply(ifindex: u32, packet: &Packet, now: u64) -> bool {
-    let key = ConntrackKey {
-        ifindex,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-        src_port: packet.dst_port,
-        dst_port: packet.src_port,
-        src_addr: packet.dst,
-        dst_addr: packet.src,
-    };
+    let key = flow_key(ifindex, packet, true);
     let Some(entry) = CONNTRACK.get_ptr_mut(key) else { return false };
     // SAFETY: the pointer is valid for this program run; racing updates only move timestamps.
     unsafe {
@@ -308,15 +313,7 @@ fn is_reply(ifindex: u32, packet: &Packet, now: u64) -> bool {
 
 #[inline(always)]
 fn record_flow(ifindex: u32, packet: &Packet, now: u64) {
-    let key = ConntrackKey {
-        ifindex,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-        src_port: packet.src_port,
-        dst_port: packet.dst_port,
-        src_addr: packet.src,
-        dst_addr: packet.dst,
-    };
+    let key = flow_key(ifindex, packet, false);
     let current = match CONNTRACK.get_ptr(key) {
         // SAFETY: read of a valid map value.
         Some(entry) => unsafe { (*entry).state },
@@ -365,30 +362,31 @@ fn policy_allows(endpoint_id: u32, direction: u8, identity: u32, peer: &[u8; 16]
 }
 
 /// The verdict for one packet on one pod interface. `direction` is the pod's: egress for what
-/// it sends, ingress for what it receives. Returns the TC action.
+/// it sends, ingress for what it receives. `Err` carries the drop reason.
 #[inline(always)]
-fn verdict(ctx: &TcContext, direction: u8) -> i32 {
+fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), u32> {
     let packet = match parse(ctx) {
-        Ok(Parsed::Pass) => return TC_ACT_UNSPEC,
+        Ok(Parsed::Pass) => return Ok(()),
         Ok(Parsed::Ip(packet)) => packet,
-        Err(Malformed) => {
-            count_drop(REASON_MALFORMED, direction);
-            return TC_ACT_SHOT;
-        }
+        Err(Malformed) => return Err(REASON_MALFORMED),
     };
     // SAFETY: the context pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let bytes = ctx.len() as u64;
     // SAFETY: plain read of a map value.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(ifindex) }).copied() else {
         // Attached but not programmed: the agent writes the endpoint before attaching, so
         // this is a stale attachment; fail closed.
-        count_drop(REASON_NO_ENDPOINT, direction);
-        return TC_ACT_SHOT;
+        return Err(REASON_NO_ENDPOINT);
     };
-    let allowed = decide(ifindex, direction, &endpoint, &packet);
-    count_endpoint(endpoint.endpoint_id, direction, allowed.is_ok(), bytes);
-    match allowed {
+    let result = decide(ifindex, direction, &endpoint, &packet);
+    count_endpoint(endpoint.endpoint_id, direction, result.is_ok(), ctx.len() as u64);
+    result
+}
+
+/// Turns a verdict into a TC action, counting drops by reason.
+#[inline(always)]
+fn action(result: Result<(), u32>, direction: u8) -> i32 {
+    match result {
         Ok(()) => TC_ACT_UNSPEC,
         Err(reason) => {
             count_drop(reason, direction);
@@ -458,13 +456,13 @@ fn decide_unfragmented(ifindex: u32, direction: u8, endpoint: &EndpointInfo, pac
 /// TC ingress of the pod's host-side veth: traffic the pod sends (its egress policy).
 #[classifier]
 pub fn netsieve_from_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, DIRECTION_EGRESS)
+    action(try_enforce(&ctx, DIRECTION_EGRESS), DIRECTION_EGRESS)
 }
 
 /// TC egress of the pod's host-side veth: traffic sent to the pod (its ingress policy).
 #[classifier]
 pub fn netsieve_to_pod(ctx: TcContext) -> i32 {
-    verdict(&ctx, DIRECTION_INGRESS)
+    action(try_enforce(&ctx, DIRECTION_INGRESS), DIRECTION_INGRESS)
 }
 
 /// An empty program: the baseline the benchmarks compare against.
