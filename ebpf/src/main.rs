@@ -3,8 +3,7 @@
 //! On that interface TC *ingress* sees what the pod sends (its egress policy applies) and TC
 //! *egress* sees what is sent to the pod (its ingress policy applies). The lookup design and
 //! every map layout are in `netsieve-common`; the verdict logic (`try_enforce`) is one inlined
-//! function so
-//! further hooks (e.g. after kube-proxy's DNAT) can call it.
+//! function so further hooks (e.g. after kube-proxy's DNAT) can call it.
 //!
 //! Allowed packets return `TC_ACT_UNSPEC` (with TCX: "next"), so programs of other tools on the
 //! same hook still run; denied packets return `TC_ACT_SHOT`.
