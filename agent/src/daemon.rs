@@ -1,34 +1,54 @@
-//! `netsieve agent --manifests DIR`: enforce the policies of a manifests directory for the
-//! pods of one node.
+//! `netsieve agent`: enforce NetworkPolicies for the pods of one node.
 //!
-//! Every [`POLL_INTERVAL`](crate::dir_watch::POLL_INTERVAL) the agent checks the directory and
-//! the node's interfaces; on a change it recompiles, synchronises the maps (no window without
-//! protection, see `dataplane::sync`) and attaches the programs to new pod interfaces after
-//! their endpoint is written. Bad input never opens traffic: if any document fails to load, the
-//! last good state stays in force (logged, counted); invalid policies fail closed through the
-//! semantics module.
+//! Sources: the Kubernetes API (default; kube-runtime watchers, see `kube_source`) or a
+//! manifests directory (`--manifests`, polled every
+//! [`POLL_INTERVAL`](crate::dir_watch::POLL_INTERVAL)). Either way, events go through the
+//! [`Controller`]: only what they affect is recompiled and written, without a window where a
+//! pod is unprotected (see `dataplane::sync`). Watch events are drained in bursts: everything
+//! queued when the loop wakes is applied as one batch, so bursts coalesce without any added
+//! delay. Programs attach to a pod's interface after its endpoint is written.
+//!
+//! Bad input never opens traffic: an unreadable manifest keeps the last good state, invalid
+//! policies fail closed, an API outage keeps enforcing the last known state. Metrics and
+//! health are served on `--metrics-addr`.
+use crate::controller::{Controller, ObjectEvent, ObjectKind};
 use crate::dataplane::attach::{AttachError, Attachments};
 use crate::dataplane::bpffs;
 use crate::dataplane::discovery::InterfaceIndex;
 use crate::dataplane::kernel::{self, KernelError};
 use crate::dataplane::maps::{KernelMaps, MapsError};
-use crate::dataplane::node::{IdentityAllocator, compile_node};
-use crate::dataplane::sync::{Capacity, SyncError, Synchronizer};
+use crate::dataplane::sync::{Capacity, SyncError};
 use crate::dir_watch::{DirFingerprint, POLL_INTERVAL};
+use crate::kube_source::{self, KubeSourceError, Received};
 use crate::manifests;
-use aya::maps::{MapData, PerCpuArray};
-use netsieve_common::{REASON_COUNT, REASON_NAMES};
+use crate::metrics::{DataplaneSnapshot, EndpointCounters, Metrics};
+use crate::policy::PodInfo;
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use netsieve_common::{
+    EndpointStats, MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES,
+    MAX_POLICY_PORT_ENTRIES, REASON_COUNT, REASON_NAMES,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentArgs {
     /// Name of this node: pods whose spec.nodeName equals it are enforced here.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
-    /// Directory of manifests to enforce (instead of the Kubernetes API).
+    /// Directory of manifests to enforce instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: $KUBECONFIG, else the in-cluster service account).
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    /// Where to serve /metrics (Prometheus text), /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
     /// Drop traffic between pods and this node's own addresses unless a policy allows it.
     /// Kubernetes documents node-to-pod traffic as always allowed (kubelet probes), so by
     /// default it is.
@@ -40,6 +60,10 @@ pub struct AgentArgs {
     /// Seconds between drop-counter log lines (0: never).
     #[arg(long, default_value_t = 10)]
     pub counters_interval: u64,
+    /// Seconds between full recompile-and-compare passes, a safety net behind the incremental
+    /// path (0: never).
+    #[arg(long, default_value_t = 300)]
+    pub resync_interval: u64,
 }
 
 /// One error type for the agent, with a metric label per variant.
@@ -55,8 +79,12 @@ pub enum AgentError {
     Sync(#[from] SyncError),
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Api(#[from] KubeSourceError),
     #[error("pinning map {name}: {source}")]
     Pin { name: &'static str, source: aya::pin::PinError },
+    #[error("serving metrics on {addr}: {source}")]
+    MetricsServer { addr: SocketAddr, source: std::io::Error },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
     #[error("async runtime: {0}")]
@@ -72,7 +100,9 @@ impl AgentError {
             AgentError::Bpffs(_) => "bpffs",
             AgentError::Sync(_) => "sync",
             AgentError::Attach(_) => "attach",
+            AgentError::Api(_) => "api",
             AgentError::Pin { .. } => "pin",
+            AgentError::MetricsServer { .. } => "metrics_server",
             AgentError::Signal(_) => "signal",
             AgentError::Runtime(_) => "runtime",
         }
@@ -91,22 +121,37 @@ pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str,
     out
 }
 
-struct Agent {
-    args: AgentArgs,
+fn sum_stats(values: &aya::maps::PerCpuValues<EndpointStats>) -> EndpointCounters {
+    let mut total = EndpointCounters::default();
+    for v in values.iter() {
+        total.add(&EndpointCounters {
+            allowed_packets: v.allowed_packets,
+            allowed_bytes: v.allowed_bytes,
+            denied_packets: v.denied_packets,
+            denied_bytes: v.denied_bytes,
+        });
+    }
+    total
+}
+
+/// The kernel side: loaded programs, maps, attachments, interfaces.
+struct Dataplane {
     ebpf: aya::Ebpf,
     maps: KernelMaps,
     drops: PerCpuArray<MapData, u64>,
-    sync: Synchronizer,
-    ids: IdentityAllocator,
+    stats: PerCpuHashMap<MapData, u32, EndpointStats>,
     attachments: Attachments,
-    last_fingerprint: Option<DirFingerprint>,
-    last_interfaces: Option<InterfaceIndex>,
-    load_errors: u64,
+    interfaces: InterfaceIndex,
     pin_dir: PathBuf,
+    /// Endpoint ids seen at the last snapshot, with their pod: the kernel counts per endpoint
+    /// id, and an id is retired on every reprogramming, so its final counts are carried over
+    /// to the pod to keep the exported counters monotonic.
+    counted_ids: BTreeMap<u32, String>,
+    retired: BTreeMap<String, EndpointCounters>,
 }
 
-impl Agent {
-    fn start(args: AgentArgs) -> Result<Agent, AgentError> {
+impl Dataplane {
+    fn load(args: &AgentArgs) -> Result<Dataplane, AgentError> {
         kernel::raise_memlock_rlimit();
         let mut ebpf = kernel::load()?;
         let pin_dir = bpffs::ensure_pin_dir(&args.node, &args.bpffs)?;
@@ -123,145 +168,399 @@ impl Agent {
             .take_map("DROP_COUNTERS")
             .ok_or(MapsError::Missing("DROP_COUNTERS"))
             .and_then(|m| PerCpuArray::try_from(m).map_err(|source| MapsError::Layout { name: "DROP_COUNTERS", source }))?;
-        tracing::info!(node = %args.node, manifests = %args.manifests.display(), pins = %pin_dir.display(), "agent started");
-        Ok(Agent {
-            args,
+        let stats = ebpf
+            .take_map("ENDPOINT_STATS")
+            .ok_or(MapsError::Missing("ENDPOINT_STATS"))
+            .and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| MapsError::Layout { name: "ENDPOINT_STATS", source }))?;
+        Ok(Dataplane {
             ebpf,
             maps,
             drops,
-            sync: Synchronizer::with_capacity(Capacity::default()),
-            ids: IdentityAllocator::default(),
+            stats,
             attachments: Attachments::default(),
-            last_fingerprint: None,
-            last_interfaces: None,
-            load_errors: 0,
+            interfaces: InterfaceIndex::default(),
             pin_dir,
+            counted_ids: BTreeMap::new(),
+            retired: BTreeMap::new(),
         })
     }
 
-    /// One poll: reprogram if the manifests or the interfaces changed.
-    fn poll(&mut self) -> Result<(), AgentError> {
-        let fingerprint = match DirFingerprint::read(&self.args.manifests) {
+    fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {
+        move |pod: &PodInfo| interfaces.interface_for(&pod.ips).map(|i| i.ifindex)
+    }
+
+    /// Per-pod counters: live endpoint ids plus the carried-over counts of retired ones.
+    fn endpoint_counters(&mut self, live: &BTreeMap<u32, String>) -> BTreeMap<String, EndpointCounters> {
+        for (id, pod) in &self.counted_ids {
+            if live.contains_key(id) {
+                continue;
+            }
+            if let Ok(values) = self.stats.get(id, 0) {
+                self.retired.entry(pod.clone()).or_default().add(&sum_stats(&values));
+            }
+            let _ = self.stats.remove(id);
+        }
+        let pods: BTreeSet<&String> = live.values().collect();
+        self.retired.retain(|pod, _| pods.contains(pod));
+        let mut out: BTreeMap<String, EndpointCounters> = BTreeMap::new();
+        for (id, pod) in live {
+            let entry = out.entry(pod.clone()).or_default();
+            if let Some(retired) = self.retired.get(pod) {
+                *entry = *retired;
+            }
+            if let Ok(values) = self.stats.get(id, 0) {
+                entry.add(&sum_stats(&values));
+            }
+        }
+        self.counted_ids = live.clone();
+        out
+    }
+}
+
+struct Agent {
+    args: AgentArgs,
+    dataplane: Dataplane,
+    controller: Controller,
+    metrics: Arc<Metrics>,
+    /// Kinds whose initial list has been applied (API mode).
+    listed: BTreeSet<ObjectKind>,
+    /// Manifests mode: the directory as last loaded, and whether one load succeeded.
+    last_fingerprint: Option<DirFingerprint>,
+    manifests_loaded: bool,
+    last_resync: Instant,
+}
+
+impl Agent {
+    fn start(args: AgentArgs, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
+        let dataplane = Dataplane::load(&args)?;
+        let controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
+        tracing::info!(node = %args.node, pins = %dataplane.pin_dir.display(), "agent started");
+        Ok(Agent {
+            args,
+            dataplane,
+            controller,
+            metrics,
+            listed: BTreeSet::new(),
+            last_fingerprint: None,
+            manifests_loaded: false,
+            last_resync: Instant::now(),
+        })
+    }
+
+    fn record(&self, result: Result<crate::dataplane::sync::SyncReport, SyncError>) {
+        match result {
+            Ok(report) => {
+                if report != Default::default() {
+                    tracing::info!(
+                        programmed = report.endpoints_programmed,
+                        removed = report.endpoints_removed,
+                        failed_closed = report.endpoints_failed_closed.len(),
+                        ipcache_written = report.ipcache_written,
+                        ipcache_removed = report.ipcache_removed,
+                        "policy programmed"
+                    );
+                }
+            }
+            Err(error) => {
+                let error = AgentError::from(error);
+                self.metrics.reconcile_error(error.metric_label());
+                tracing::error!(%error, "programming failed; the next change retries with a full comparison");
+            }
+        }
+    }
+
+    /// Detaches from interfaces that no longer hold a programmed endpoint, before any new
+    /// endpoint could reuse them.
+    fn detach_unwanted(&mut self) {
+        let wanted: BTreeSet<u32> = self.controller.compiler.program().endpoints.values().map(|e| e.ifindex).collect();
+        for ifindex in self.dataplane.attachments.ifindexes() {
+            if !wanted.contains(&ifindex) {
+                self.dataplane.attachments.detach(&mut self.dataplane.ebpf, ifindex);
+            }
+        }
+    }
+
+    /// Attaches to interfaces whose endpoint is programmed (so the first packet is judged by
+    /// policy). Returns whether every programmed endpoint is attached.
+    fn attach_programmed(&mut self) -> bool {
+        let mut all = true;
+        let live: Vec<(String, u32)> =
+            self.controller.sync.live_endpoints().map(|(name, _, ifindex)| (name.to_string(), ifindex)).collect();
+        for (pod, ifindex) in live {
+            if self.dataplane.attachments.is_attached(ifindex) {
+                continue;
+            }
+            let Some(link) = self.dataplane.interfaces.links.values().find(|l| l.ifindex == ifindex) else {
+                all = false;
+                continue;
+            };
+            let name = link.name.clone();
+            match self.dataplane.attachments.attach(&mut self.dataplane.ebpf, ifindex, &name) {
+                Ok(()) => tracing::info!(%pod, interface = %name, "enforcing"),
+                Err(error) => {
+                    all = false;
+                    self.metrics.reconcile_error(AgentError::from(error).metric_label());
+                    tracing::error!(%pod, interface = %name, "cannot attach; pod not enforced yet, will retry");
+                }
+            }
+        }
+        all
+    }
+
+    fn apply_events(&mut self, batch: Vec<Received>) {
+        let Some(received) = batch.first().map(|(_, at)| *at) else { return };
+        let events: Vec<ObjectEvent> = batch
+            .into_iter()
+            .map(|(event, _)| {
+                if let ObjectEvent::Relisted(kind, _) = &event {
+                    self.listed.insert(*kind);
+                }
+                event
+            })
+            .collect();
+        let result = {
+            let dp = &mut self.dataplane;
+            let interface_of = Dataplane::interface_of(&dp.interfaces);
+            self.controller.apply_events(&mut dp.maps, events, received, &interface_of)
+        };
+        self.record(result);
+        self.detach_unwanted();
+        self.attach_programmed();
+    }
+
+    /// Manifests mode: reload the directory if it changed.
+    fn poll_manifests(&mut self, dir: &std::path::Path) {
+        let fingerprint = match DirFingerprint::read(dir) {
             Ok(f) => f,
             Err(error) => {
-                self.load_errors += 1;
-                tracing::error!(%error, dir = %self.args.manifests.display(), "cannot read manifests; keeping the last state");
-                return Ok(());
+                self.metrics.invalid_object("Manifests", "unreadable");
+                tracing::error!(%error, dir = %dir.display(), "cannot read manifests; keeping the last state");
+                return;
             }
         };
-        let interfaces = match InterfaceIndex::read() {
-            Ok(i) => i,
-            Err(error) => {
-                tracing::error!(%error, "cannot read interfaces; keeping the last state");
-                return Ok(());
-            }
-        };
-        let unchanged = self.last_fingerprint.as_ref() == Some(&fingerprint)
-            && self.last_interfaces.as_ref().is_some_and(|last| last.same_links(&interfaces));
-        if unchanged {
-            return Ok(());
+        if self.last_fingerprint.as_ref() == Some(&fingerprint) {
+            return;
         }
-        let started = Instant::now();
-        let loaded = match manifests::load_dir(&self.args.manifests) {
+        let received = Instant::now();
+        self.last_fingerprint = Some(fingerprint);
+        let loaded = match manifests::load_dir(dir) {
             Ok(loaded) => loaded,
             Err(error) => {
-                self.load_errors += 1;
+                self.metrics.invalid_object("Manifests", "unreadable");
                 tracing::error!(%error, "cannot load manifests; keeping the last state");
-                return Ok(());
+                return;
             }
         };
         if !loaded.errors.is_empty() {
             // A missing document could be a policy that restricts traffic: applying the rest
             // could open traffic, so the last good state stays until the input is fixed.
-            self.load_errors += loaded.errors.len() as u64;
             for error in &loaded.errors {
+                self.metrics.invalid_object("Manifests", "undecodable");
                 tracing::error!(%error, "manifest not loaded; keeping the last good state");
             }
-            self.last_fingerprint = Some(fingerprint);
-            self.last_interfaces = Some(interfaces);
-            return Ok(());
+            return;
         }
-        let state = loaded.cluster_state();
-        for policy in state.policies.iter().filter(|p| !p.errors.is_empty()) {
-            for error in &policy.errors {
-                tracing::warn!(policy = %policy.key(), %error, "invalid policy: the pods it selects fail closed");
+        let result = {
+            let dp = &mut self.dataplane;
+            let interface_of = Dataplane::interface_of(&dp.interfaces);
+            self.controller.replace(&mut dp.maps, loaded.cluster_state(), received, &interface_of)
+        };
+        self.manifests_loaded |= result.is_ok();
+        self.record(result);
+        self.detach_unwanted();
+        self.attach_programmed();
+    }
+
+    /// Interfaces: reprogram endpoints whose interface appeared, went or moved.
+    fn poll_interfaces(&mut self) {
+        let interfaces = match InterfaceIndex::read() {
+            Ok(i) => i,
+            Err(error) => {
+                self.metrics.reconcile_error("discovery");
+                tracing::error!(%error, "cannot read interfaces; keeping the last state");
+                return;
             }
+        };
+        let same = self.dataplane.interfaces.same_links(&interfaces);
+        self.dataplane.interfaces = interfaces;
+        if !same {
+            let received = Instant::now();
+            let result = {
+                let dp = &mut self.dataplane;
+                let interface_of = Dataplane::interface_of(&dp.interfaces);
+                self.controller.refresh_interfaces(&mut dp.maps, received, &interface_of)
+            };
+            self.record(result);
+            self.detach_unwanted();
         }
-        let compiled = compile_node(&state, &mut self.ids, &self.args.node, !self.args.deny_node_traffic, &|pod| {
-            interfaces.interface_for(&pod.ips).map(|i| i.ifindex)
-        });
-        self.ids.retain_used(&state);
-        // Detach from interfaces that no longer hold a local pod before their endpoint goes.
-        let wanted: std::collections::BTreeSet<u32> = compiled.program.endpoints.values().map(|e| e.ifindex).collect();
-        for ifindex in self.attachments.ifindexes() {
-            if !wanted.contains(&ifindex) {
-                self.attachments.detach(&mut self.ebpf, ifindex);
+        let resync = Duration::from_secs(self.args.resync_interval);
+        if !resync.is_zero() && self.last_resync.elapsed() >= resync {
+            self.last_resync = Instant::now();
+            let result = {
+                let dp = &mut self.dataplane;
+                let interface_of = Dataplane::interface_of(&dp.interfaces);
+                self.controller.full_resync(&mut dp.maps, &interface_of)
+            };
+            if let Ok(report) = &result
+                && *report != Default::default()
+            {
+                tracing::warn!(?report, "full resync found differences the incremental path missed");
             }
+            self.record(result);
         }
-        let report = self.sync.sync(&mut self.maps, &compiled.program)?;
-        // Attach after the endpoint is in the map, so the first packet is judged by policy.
-        for (pod, endpoint) in &compiled.program.endpoints {
-            if self.attachments.is_attached(endpoint.ifindex) {
-                continue;
-            }
-            let Some(interface) = interfaces.links.values().find(|l| l.ifindex == endpoint.ifindex) else { continue };
-            match self.attachments.attach(&mut self.ebpf, endpoint.ifindex, &interface.name) {
-                Ok(()) => tracing::info!(%pod, interface = %interface.name, "enforcing"),
-                Err(error) => tracing::error!(%pod, %error, "cannot attach; pod not enforced yet, will retry"),
-            }
+        let attached = self.attach_programmed();
+        self.update_readiness(attached);
+    }
+
+    fn update_readiness(&self, attached: bool) {
+        let synced = match &self.args.manifests {
+            Some(_) => self.manifests_loaded,
+            None => self.listed.len() == ObjectKind::ALL.len(),
+        };
+        let reason = if !synced {
+            "initial sync not done"
+        } else if !attached {
+            "programs not attached to every local pod yet"
+        } else {
+            ""
+        };
+        self.metrics.set_ready(reason.is_empty(), reason);
+    }
+
+    fn snapshot(&mut self) -> DataplaneSnapshot {
+        let live: BTreeMap<u32, String> =
+            self.controller.sync.live_endpoints().map(|(name, id, _)| (id, name.to_string())).collect();
+        let endpoints = self.dataplane.endpoint_counters(&live);
+        let counts = self.controller.sync.entry_counts();
+        let capacity = self.controller.sync.capacity();
+        let mut maps = BTreeMap::new();
+        maps.insert("ENDPOINTS", (live.len(), MAX_ENDPOINTS as usize));
+        maps.insert("IPCACHE", (self.controller.sync.ipcache_len(), capacity.ipcache.min(MAX_IPCACHE_ENTRIES as usize)));
+        maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity.min(MAX_POLICY_IDENTITY_ENTRIES as usize)));
+        maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr.min(MAX_POLICY_CIDR_ENTRIES as usize)));
+        maps.insert("POLICY_PORT", (counts.port, capacity.port.min(MAX_POLICY_PORT_ENTRIES as usize)));
+        let state = &self.controller.state;
+        DataplaneSnapshot {
+            drops: read_drop_counters(&self.dataplane.drops),
+            endpoints,
+            maps,
+            endpoint_count: live.len(),
+            endpoints_failed_closed: self.controller.compiler.program().endpoints.values().filter(|e| e.fail_closed).count(),
+            pods_waiting_for_interface: self.controller.compiler.waiting_for_interface().count(),
+            policy_count: state.policies.len(),
+            invalid_policy_count: state.policies.values().filter(|p| !p.errors.is_empty()).count(),
+            identity_count: self.controller.compiler.identities().len(),
         }
-        for pod in &compiled.waiting_for_interface {
-            tracing::debug!(%pod, "local pod has no interface yet");
-        }
-        tracing::info!(
-            endpoints = compiled.program.endpoints.len(),
-            policies = state.policies.len(),
-            identities = self.ids.len(),
-            programmed = report.endpoints_programmed,
-            removed = report.endpoints_removed,
-            failed_closed = report.endpoints_failed_closed.len(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "policy programmed"
-        );
-        self.last_fingerprint = Some(fingerprint);
-        self.last_interfaces = Some(interfaces);
-        Ok(())
     }
 
     fn log_counters(&self) {
-        let drops: Vec<String> = read_drop_counters(&self.drops)
+        let drops: Vec<String> = read_drop_counters(&self.dataplane.drops)
             .into_iter()
             .filter(|(_, _, n)| *n > 0)
             .map(|(reason, direction, n)| format!("{direction}/{reason}={n}"))
             .collect();
-        tracing::info!(drops = %drops.join(" "), load_errors = self.load_errors, "drop counters");
+        tracing::info!(drops = %drops.join(" "), "drop counters");
     }
 
     fn shutdown(&mut self) {
-        self.attachments.detach_all(&mut self.ebpf);
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
+        let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
         tracing::info!("agent stopped: programs detached, pins removed");
     }
 }
 
+/// Serves /metrics, /healthz and /readyz until the runtime stops.
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| AgentError::MetricsServer { addr, source })?;
+    let for_metrics = metrics.clone();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = for_metrics.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    match metrics.readiness() {
+                        (true, _) => (StatusCode::OK, "ready\n".to_string()),
+                        (false, reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                    }
+                }
+            }),
+        );
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AgentError::Runtime)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
     runtime.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
         let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_ready(false, "starting");
+        serve_metrics(args.metrics_addr, metrics.clone()).await?;
         let counters_every = Duration::from_secs(args.counters_interval);
-        let mut agent = Agent::start(args)?;
+        let mut agent = Agent::start(args.clone(), metrics.clone())?;
+        agent.poll_interfaces();
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Received>();
+        let mut watchers = Vec::new();
+        match &args.manifests {
+            Some(dir) => {
+                tracing::info!(manifests = %dir.display(), "source: manifests directory");
+                agent.poll_manifests(dir);
+            }
+            None => {
+                let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+                tracing::info!("source: Kubernetes API");
+                watchers = kube_source::spawn_watchers(client, events_tx.clone(), metrics.clone());
+            }
+        }
+        // Keeps the channel open in manifests mode, where no watcher holds a sender.
+        let _keep_open = events_tx;
         let mut last_counters = Instant::now();
+        let mut last_snapshot = Instant::now();
         let mut ticker = tokio::time::interval(POLL_INTERVAL);
         loop {
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
+                Some(first) = events.recv() => {
+                    let mut batch = vec![first];
+                    while let Ok(more) = events.try_recv() {
+                        batch.push(more);
+                    }
+                    agent.apply_events(batch);
+                }
                 _ = ticker.tick() => {
-                    if let Err(error) = agent.poll() {
-                        tracing::error!(%error, kind = error.metric_label(), "reconcile failed; will retry");
+                    if let Some(dir) = args.manifests.clone() {
+                        agent.poll_manifests(&dir);
+                    }
+                    agent.poll_interfaces();
+                    if last_snapshot.elapsed() >= Duration::from_millis(500) {
+                        let snapshot = agent.snapshot();
+                        metrics.set_dataplane(snapshot);
+                        last_snapshot = Instant::now();
                     }
                     if !counters_every.is_zero() && last_counters.elapsed() >= counters_every {
                         agent.log_counters();
@@ -269,6 +568,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     }
                 }
             }
+        }
+        for watcher in watchers {
+            watcher.abort();
         }
         agent.log_counters();
         agent.shutdown();

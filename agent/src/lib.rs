@@ -5,10 +5,17 @@
 //! - [`manifests`]: loads Namespaces, Nodes, Pods and NetworkPolicies from YAML/JSON files.
 //! - [`explain_cmd`]: the `netsieve explain` command.
 //! - [`dataplane`]: the map compiler, the synchronizer and the kernel-facing code.
+//! - [`controller`]: applies object events to the state and programs what they affect.
+//! - [`kube_source`]: kube-runtime watchers feeding the controller.
+//! - [`metrics`]: Prometheus text metrics and readiness.
+//! - [`daemon`]: `netsieve agent`, wiring sources, controller, kernel and metrics server.
+pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod dir_watch;
 pub mod explain_cmd;
+pub mod kube_source;
 pub mod manifests;
+pub mod metrics;
 pub mod policy;
 pub mod scenario;

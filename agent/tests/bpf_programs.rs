@@ -227,7 +227,7 @@ fn kernel_agrees_with_semantics_on_random_clusters() {
         // Every pod is programmed under a stand-in ifindex; the one under test is pointed at
         // loopback before its packets run (endpoints are keyed by id, so this is one update).
         let stand_in: BTreeMap<String, u32> =
-            state.pods.iter().enumerate().map(|(i, p)| (p.key(), 1000 + i as u32)).collect();
+            state.pods.values().enumerate().map(|(i, p)| (p.key(), 1000 + i as u32)).collect();
         let mut node = NodeProgram::default();
         for name in ["node0", "node1"] {
             let compiled = compile_node(&state, &mut ids, name, true, &|p| stand_in.get(&p.key()).copied());
@@ -239,13 +239,13 @@ fn kernel_agrees_with_semantics_on_random_clusters() {
         sync.sync(&mut k.maps, &node).expect("sync");
 
         let mut peers: Vec<FlowEndpoint> = Vec::new();
-        for pod in &state.pods {
+        for pod in state.pods.values() {
             for ip in &pod.ips {
                 peers.push(FlowEndpoint { ip: *ip, pod: Some(pod.key()) });
             }
         }
         peers.extend(scenario.outside_ips.iter().map(|ip| FlowEndpoint { ip: *ip, pod: None }));
-        for pod in &state.pods {
+        for pod in state.pods.values() {
             let fake = stand_in[&pod.key()];
             let info = k.maps.endpoints.get(&fake, 0).expect("endpoint programmed");
             k.maps.set_endpoint(LO, info).expect("point loopback at the pod");

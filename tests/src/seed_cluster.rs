@@ -103,12 +103,22 @@ pub struct Agents(Vec<Child>);
 
 impl Agents {
     pub fn start(cluster: &Cluster, binary: &Path, manifests: &Path, extra: &[&str]) -> std::io::Result<Agents> {
-        let mut agents = Agents(Vec::new());
         let dir = manifests.to_string_lossy().to_string();
+        Agents::spawn(cluster, binary, |_| {
+            let mut args = vec!["--manifests".to_string(), dir.clone()];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
+        })
+    }
+
+    /// `netsieve agent --node NODE --bpffs ... <source_args(node index)>` on every node.
+    pub fn spawn(cluster: &Cluster, binary: &Path, source_args: impl Fn(usize) -> Vec<String>) -> std::io::Result<Agents> {
+        let mut agents = Agents(Vec::new());
         for (index, node) in cluster.nodes.iter().enumerate() {
             let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
-            let mut args = vec!["agent", "--node", &node.name, "--manifests", &dir, "--bpffs", &bpffs];
-            args.extend_from_slice(extra);
+            let mut args: Vec<String> = ["agent", "--node", &node.name, "--bpffs", &bpffs].map(String::from).to_vec();
+            args.extend(source_args(index));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             agents.0.push(cluster.spawn_on_node(index, binary, &args)?);
         }
         Ok(agents)

@@ -17,7 +17,7 @@ use netsieve_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_INGRESS_ISOLATED,
     EndpointInfo, IpcacheValue, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The compiled state of one local endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,6 +61,24 @@ impl EndpointProgram {
 pub struct NodeProgram {
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
     pub endpoints: BTreeMap<String, EndpointProgram>,
+}
+
+/// What a compilation step changed in the node program: the synchronizer looks only at these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub endpoints: BTreeSet<String>,
+    pub ipcache: BTreeSet<Ipv6Net>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.ipcache.is_empty()
+    }
+
+    pub fn merge(&mut self, other: Dirty) {
+        self.endpoints.extend(other.endpoints);
+        self.ipcache.extend(other.ipcache);
+    }
 }
 
 /// The map operations sync needs; the kernel implementation is thin, and tests use a model.
@@ -168,8 +186,24 @@ impl Synchronizer {
         self.capacity
     }
 
-    /// Brings the maps from the last synced state to `target`.
+    /// Brings the maps from the last synced state to `target`, looking at everything.
     pub fn sync<M: PolicyMaps>(&mut self, maps: &mut M, target: &NodeProgram) -> Result<SyncReport, SyncError> {
+        let dirty = Dirty {
+            endpoints: target.endpoints.keys().chain(self.live.keys()).cloned().collect(),
+            ipcache: target.ipcache.keys().chain(self.ipcache.keys()).copied().collect(),
+        };
+        self.sync_dirty(maps, target, &dirty)
+    }
+
+    /// Brings the maps to `target`, looking only at the endpoints and ipcache entries named in
+    /// `dirty` (the compiler reports what it changed): the cost follows the change, not the
+    /// cluster.
+    pub fn sync_dirty<M: PolicyMaps>(
+        &mut self,
+        maps: &mut M,
+        target: &NodeProgram,
+        dirty: &Dirty,
+    ) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
         if target.ipcache.len() > self.capacity.ipcache {
             return Err(SyncError::IpcacheFull { needed: target.ipcache.len(), capacity: self.capacity.ipcache });
@@ -181,7 +215,8 @@ impl Synchronizer {
 
         // 1. ipcache additions and changes first, so new peers are known before policies that
         //    name them; a new identity under an old policy is denied, never allowed.
-        for (net, value) in &target.ipcache {
+        for net in &dirty.ipcache {
+            let Some(value) = target.ipcache.get(net) else { continue };
             if self.ipcache.get(net) != Some(value) {
                 maps.set_ipcache(*net, *value).map_err(map_err("ipcache"))?;
                 self.ipcache.insert(*net, *value);
@@ -190,7 +225,8 @@ impl Synchronizer {
         }
 
         // 2. Endpoints that are new or changed: write beside, switch, delete old.
-        for (name, program) in &target.endpoints {
+        for name in &dirty.endpoints {
+            let Some(program) = target.endpoints.get(name) else { continue };
             if let Some(live) = self.live.get(name)
                 && live.program == *program
             {
@@ -235,23 +271,34 @@ impl Synchronizer {
         }
 
         // 3. Endpoints that are gone.
-        let gone: Vec<String> = self.live.keys().filter(|n| !target.endpoints.contains_key(*n)).cloned().collect();
-        for name in gone {
-            if let Some(old) = self.live.remove(&name) {
-                maps.remove_endpoint(old.program.ifindex).map_err(map_err(&name))?;
-                self.delete_entries(maps, old.endpoint_id, &old.program).map_err(map_err(&name))?;
+        for name in dirty.endpoints.iter().filter(|n| !target.endpoints.contains_key(*n)) {
+            if let Some(old) = self.live.remove(name) {
+                maps.remove_endpoint(old.program.ifindex).map_err(map_err(name))?;
+                self.delete_entries(maps, old.endpoint_id, &old.program).map_err(map_err(name))?;
                 report.endpoints_removed += 1;
             }
         }
 
         // 4. ipcache deletions last.
-        let stale: Vec<Ipv6Net> = self.ipcache.keys().filter(|n| !target.ipcache.contains_key(*n)).copied().collect();
-        for net in stale {
-            maps.remove_ipcache(net).map_err(map_err("ipcache"))?;
-            self.ipcache.remove(&net);
+        for net in dirty.ipcache.iter().filter(|n| !target.ipcache.contains_key(*n)) {
+            if !self.ipcache.contains_key(net) {
+                continue;
+            }
+            maps.remove_ipcache(*net).map_err(map_err("ipcache"))?;
+            self.ipcache.remove(net);
             report.ipcache_removed += 1;
         }
         Ok(report)
+    }
+
+    /// Entries in the ipcache as last written.
+    pub fn ipcache_len(&self) -> usize {
+        self.ipcache.len()
+    }
+
+    /// Programmed endpoints: (name, endpoint id, ifindex).
+    pub fn live_endpoints(&self) -> impl Iterator<Item = (&str, u32, u32)> {
+        self.live.iter().map(|(name, l)| (name.as_str(), l.endpoint_id, l.program.ifindex))
     }
 
     fn allocate_endpoint_id(&mut self) -> u32 {

@@ -105,6 +105,9 @@ pub struct PodInfo {
     /// Host-network pods use the node's address; pod selectors never select them.
     pub host_network: bool,
     pub named_ports: Vec<NamedPort>,
+    /// Addresses of the pod's node (status.hostIPs): with the Kubernetes API as the source the
+    /// agent learns its node's addresses from them, without needing to read Node objects.
+    pub host_ips: Vec<IpAddr>,
 }
 
 impl PodInfo {
@@ -117,7 +120,12 @@ impl PodInfo {
         self.named_ports.iter().find(|p| p.name == name && p.protocol == protocol).map(|p| p.port)
     }
 
-    fn from_object(pod: &Pod) -> PodInfo {
+    /// A pod a selector-based peer could ever admit: not host-network, with an address.
+    pub fn selectable(&self) -> bool {
+        !self.host_network && !self.ips.is_empty()
+    }
+
+    pub fn from_object(pod: &Pod) -> PodInfo {
         let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
         let name = pod.metadata.name.clone().unwrap_or_default();
         let labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -131,6 +139,17 @@ impl PodInfo {
                     && !ips.contains(&ip)
                 {
                     ips.push(ip);
+                }
+            }
+        }
+        let mut host_ips: Vec<IpAddr> = Vec::new();
+        if let Some(status) = status {
+            let listed = status.host_ips.iter().flatten().map(|p| p.ip.as_str());
+            for text in status.host_ip.as_deref().into_iter().chain(listed) {
+                if let Ok(ip) = text.parse::<IpAddr>()
+                    && !host_ips.contains(&ip)
+                {
+                    host_ips.push(ip);
                 }
             }
         }
@@ -152,6 +171,7 @@ impl PodInfo {
             node: spec.and_then(|s| s.node_name.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             named_ports,
+            host_ips,
         }
     }
 }
@@ -223,6 +243,23 @@ impl CompiledPolicy {
         match direction {
             Direction::Ingress => self.ingress.as_deref(),
             Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// A policy that could not even be decoded: it selects every pod of its namespace and
+    /// allows nothing in either direction, so those pods fail closed.
+    pub fn undecodable(namespace: &str, name: &str, message: String) -> CompiledPolicy {
+        CompiledPolicy {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            pod_selector: None,
+            ingress: Some(Vec::new()),
+            egress: Some(Vec::new()),
+            errors: vec![PolicyError::InvalidPolicy {
+                policy: format!("{namespace}/{name}"),
+                field: "object".into(),
+                message,
+            }],
         }
     }
 
@@ -439,34 +476,51 @@ pub enum Direction {
     Egress,
 }
 
-/// The cluster as the semantics sees it.
+/// The cluster as the semantics sees it. Keyed and indexed so that the agent can keep one
+/// instance up to date event by event (see the `upsert_*`/`remove_*` methods) instead of
+/// rebuilding it.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     pub namespaces: BTreeMap<String, Labels>,
-    pub pods: Vec<PodInfo>,
-    pub policies: Vec<CompiledPolicy>,
+    /// By `namespace/name`.
+    pub pods: BTreeMap<String, PodInfo>,
+    /// By `namespace/name`.
+    pub policies: BTreeMap<String, CompiledPolicy>,
     /// Addresses of each node, by node name (from Node objects' status.addresses).
     pub node_ips: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Pods (not host-network) by address, for `pod_by_ip`.
+    pods_by_ip: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// Node addresses learnt from pods' hostIPs, with the number of pods reporting each.
+    host_ips: BTreeMap<String, BTreeMap<IpAddr, usize>>,
+}
+
+/// The labels of a Namespace object, with the automatic `kubernetes.io/metadata.name`.
+pub fn namespace_labels(ns: &Namespace) -> Option<(String, Labels)> {
+    let name = ns.metadata.name.clone()?;
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    // The API server sets this label on every namespace; manifests may omit it.
+    labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+    Some((name, labels))
 }
 
 impl ClusterState {
     pub fn new(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy], nodes: &[Node]) -> ClusterState {
         let mut state = ClusterState::default();
-        for ns in namespaces {
-            let Some(name) = ns.metadata.name.clone() else { continue };
-            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-            // The API server sets this label on every namespace; manifests may omit it.
-            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+        for (name, labels) in namespaces.iter().filter_map(namespace_labels) {
             state.namespaces.insert(name, labels);
         }
-        state.pods = pods.iter().map(PodInfo::from_object).collect();
-        state.policies = policies.iter().map(CompiledPolicy::compile).collect();
+        for pod in pods {
+            state.upsert_pod(PodInfo::from_object(pod));
+        }
+        for policy in policies {
+            state.upsert_policy(CompiledPolicy::compile(policy));
+        }
         // Namespaces referenced but not listed still exist with their automatic label.
         let referenced: Vec<String> = state
             .pods
-            .iter()
+            .values()
             .map(|p| p.namespace.clone())
-            .chain(state.policies.iter().map(|p| p.namespace.clone()))
+            .chain(state.policies.values().map(|p| p.namespace.clone()))
             .collect();
         for name in referenced {
             state
@@ -483,18 +537,99 @@ impl ClusterState {
         state
     }
 
+    /// Inserts or replaces a pod; returns the previous version.
+    pub fn upsert_pod(&mut self, pod: PodInfo) -> Option<PodInfo> {
+        let key = pod.key();
+        let old = self.remove_pod(&key);
+        if !pod.host_network {
+            for ip in &pod.ips {
+                self.pods_by_ip.entry(*ip).or_default().insert(key.clone());
+            }
+        }
+        if let Some(node) = &pod.node {
+            let counts = self.host_ips.entry(node.clone()).or_default();
+            for ip in &pod.host_ips {
+                *counts.entry(*ip).or_default() += 1;
+            }
+        }
+        self.pods.insert(key, pod);
+        old
+    }
+
+    pub fn remove_pod(&mut self, key: &str) -> Option<PodInfo> {
+        let old = self.pods.remove(key)?;
+        for ip in &old.ips {
+            if let Some(keys) = self.pods_by_ip.get_mut(ip) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.pods_by_ip.remove(ip);
+                }
+            }
+        }
+        if let Some(node) = &old.node
+            && let Some(counts) = self.host_ips.get_mut(node)
+        {
+            for ip in &old.host_ips {
+                if let Some(count) = counts.get_mut(ip) {
+                    *count -= 1;
+                    if *count == 0 {
+                        counts.remove(ip);
+                    }
+                }
+            }
+            if counts.is_empty() {
+                self.host_ips.remove(node);
+            }
+        }
+        Some(old)
+    }
+
+    pub fn upsert_policy(&mut self, policy: CompiledPolicy) -> Option<CompiledPolicy> {
+        self.policies.insert(policy.key(), policy)
+    }
+
+    pub fn remove_policy(&mut self, key: &str) -> Option<CompiledPolicy> {
+        self.policies.remove(key)
+    }
+
+    pub fn upsert_namespace(&mut self, name: String, labels: Labels) -> Option<Labels> {
+        self.namespaces.insert(name, labels)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> Option<Labels> {
+        self.namespaces.remove(name)
+    }
+
+    /// The addresses of a node: from its Node object and from the hostIPs its pods report.
+    pub fn node_addresses(&self, node: &str) -> BTreeSet<IpAddr> {
+        let mut ips = self.node_ips.get(node).cloned().unwrap_or_default();
+        ips.extend(self.host_ips.get(node).into_iter().flat_map(|m| m.keys().copied()));
+        ips
+    }
+
+    pub fn is_node_address(&self, node: &str, ip: &IpAddr) -> bool {
+        self.node_ips.get(node).is_some_and(|ips| ips.contains(ip))
+            || self.host_ips.get(node).is_some_and(|ips| ips.contains_key(ip))
+    }
+
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
-        self.pods.iter().find(|p| p.namespace == namespace && p.name == name)
+        self.pods.get(&format!("{namespace}/{name}"))
+    }
+
+    /// The pods (not host-network) that own an address; more than one only if the input is
+    /// inconsistent, and then the last by key wins everywhere (semantics and dataplane).
+    pub fn pods_with_ip(&self, ip: &IpAddr) -> impl Iterator<Item = &PodInfo> {
+        self.pods_by_ip.get(ip).into_iter().flatten().filter_map(|k| self.pods.get(k))
     }
 
     /// The pod (not host-network) that owns an address.
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
-        self.pods.iter().find(|p| !p.host_network && p.ips.contains(&ip))
+        self.pods_with_ip(&ip).last()
     }
 
     /// The policies that select `pod` and cover `direction`.
     pub fn selecting(&self, pod: &PodInfo, direction: Direction) -> impl Iterator<Item = &CompiledPolicy> {
-        self.policies.iter().filter(move |p| p.selects(pod) && p.rules(direction).is_some())
+        self.policies.values().filter(move |p| p.selects(pod) && p.rules(direction).is_some())
     }
 
     /// Whether a peer entry of a policy in `policy_namespace` admits the endpoint.
@@ -503,27 +638,28 @@ impl ClusterState {
             Peer::IpBlock { cidr, except } => {
                 cidr.contains(&endpoint.ip) && !except.iter().any(|e| e.contains(&endpoint.ip))
             }
-            Peer::Pods { namespaces, pods } => {
+            Peer::Pods { .. } => {
                 let Some(pod) = endpoint.pod.as_ref().and_then(|k| self.pod_by_key(k)) else {
                     return false;
                 };
-                if pod.host_network {
-                    return false;
-                }
-                let namespace_ok = match namespaces {
-                    None => pod.namespace == policy_namespace,
-                    Some(selector) => {
-                        self.namespaces.get(&pod.namespace).is_some_and(|labels| selector.matches(labels))
-                    }
-                };
-                namespace_ok && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+                !pod.host_network && self.peer_selects_labels(peer, policy_namespace, &pod.namespace, &pod.labels)
             }
         }
     }
 
+    /// Whether a selector-based peer admits pods of `namespace` with `labels` (an identity).
+    /// Always false for ipBlock peers.
+    pub fn peer_selects_labels(&self, peer: &Peer, policy_namespace: &str, namespace: &str, labels: &Labels) -> bool {
+        let Peer::Pods { namespaces, pods } = peer else { return false };
+        let namespace_ok = match namespaces {
+            None => namespace == policy_namespace,
+            Some(selector) => self.namespaces.get(namespace).is_some_and(|l| selector.matches(l)),
+        };
+        namespace_ok && pods.as_ref().is_none_or(|s| s.matches(labels))
+    }
+
     fn pod_by_key(&self, key: &str) -> Option<&PodInfo> {
-        let (namespace, name) = key.split_once('/')?;
-        self.pod(namespace, name)
+        self.pods.get(key)
     }
 
     /// Parses `NS/POD` or an IP address into a flow endpoint. An IP that belongs to a pod
@@ -692,7 +828,7 @@ pub fn exception(state: &ClusterState, flow: &Flow) -> Option<Exception> {
     }
     let on_own_node = |pod: &FlowEndpoint, other: &FlowEndpoint| {
         let node = pod.pod.as_ref().and_then(|k| state.pod_by_key(k)).and_then(|p| p.node.as_ref());
-        node.and_then(|n| state.node_ips.get(n)).is_some_and(|ips| ips.contains(&other.ip))
+        node.is_some_and(|n| state.is_node_address(n, &other.ip))
     };
     (on_own_node(&flow.src, &flow.dst) || on_own_node(&flow.dst, &flow.src)).then_some(Exception::NodeTraffic)
 }

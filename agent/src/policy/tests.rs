@@ -278,7 +278,7 @@ fn unparsable_cidr_fails_closed() {
         "metadata: {name: bad, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/33}}, {podSelector: {}}]\n",
     ]);
     assert!(!w.allowed("default/client", "default/web", TCP, 80), "valid peer of a broken policy admits nothing");
-    assert_eq!(w.state.policies[0].errors.len(), 1);
+    assert_eq!(w.state.policies.values().next().expect("policy").errors.len(), 1);
 }
 
 #[test]
@@ -336,7 +336,7 @@ fn bad_ports_and_peers_are_errors() {
     ] {
         let yaml = format!("metadata: {{name: bad, namespace: default}}\nspec:\n  podSelector: {{}}\n  ingress:\n{spec}");
         let w = World::new(&[&yaml]);
-        assert_eq!(w.state.policies[0].errors.len(), 1, "{spec}");
+        assert_eq!(w.state.policies.values().next().expect("policy").errors.len(), 1, "{spec}");
         assert!(!w.allowed("default/client", "default/web", TCP, 80), "{spec}");
     }
 }
