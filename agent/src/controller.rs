@@ -266,17 +266,17 @@ mod tests {
     use crate::scenario::{Scenario, ScenarioParams};
 
     fn objects(s: &Scenario) -> Vec<ObjectEvent> {
-        let mut events: Vec<ObjectEvent> = Vec::new();
-        events.push(ObjectEvent::Relisted(
-            ObjectKind::Namespace,
-            s.namespaces.iter().map(|n| KubeObject::Namespace(Box::new(n.clone()))).collect(),
-        ));
-        events.push(ObjectEvent::Relisted(ObjectKind::Pod, s.pods.iter().map(|p| KubeObject::Pod(Box::new(p.clone()))).collect()));
-        events.push(ObjectEvent::Relisted(
-            ObjectKind::NetworkPolicy,
-            s.policies.iter().map(|p| KubeObject::NetworkPolicy(Box::new(p.clone()))).collect(),
-        ));
-        events
+        vec![
+            ObjectEvent::Relisted(
+                ObjectKind::Namespace,
+                s.namespaces.iter().map(|n| KubeObject::Namespace(Box::new(n.clone()))).collect(),
+            ),
+            ObjectEvent::Relisted(ObjectKind::Pod, s.pods.iter().map(|p| KubeObject::Pod(Box::new(p.clone()))).collect()),
+            ObjectEvent::Relisted(
+                ObjectKind::NetworkPolicy,
+                s.policies.iter().map(|p| KubeObject::NetworkPolicy(Box::new(p.clone()))).collect(),
+            ),
+        ]
     }
 
     /// A re-list (as after 410 Gone) converges on exactly the listed objects, and the maps on

@@ -145,14 +145,14 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         let (series, value) = line.rsplit_once(' ').expect("sample has a value");
         let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
         let name = series.split('{').next().unwrap_or(series);
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-                for pair in labels[1..labels.len() - 1].split("\",") {
-                    let (key, val) = pair.split_once("=\"").unwrap_or_else(|| panic!("label in {line:?}"));
-                    assert!(key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
-                    assert!(!val.trim_end_matches('"').contains('\n'), "{line}");
-                }
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1].split("\",") {
+                let (key, val) = pair.split_once("=\"").unwrap_or_else(|| panic!("label in {line:?}"));
+                assert!(key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+                assert!(!val.trim_end_matches('"').contains('\n'), "{line}");
             }
         }
         let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| {
@@ -206,7 +206,8 @@ fn agents_follow_the_api_server() {
     }
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
     let started = Instant::now();
-    let mut agents = Agents::spawn(&cluster, binary, |index| {
+    // With only the DaemonSet's capabilities (BPF, PERFMON, NET_ADMIN).
+    let mut agents = Agents::spawn_least_privileged(&cluster, binary, |index| {
         let kubeconfig = dir.join(format!("kubeconfig-{index}")).to_string_lossy().to_string();
         ["--kubeconfig", &kubeconfig, "--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--counters-interval", "0"]
             .map(String::from)

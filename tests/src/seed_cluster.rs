@@ -111,6 +111,32 @@ impl Agents {
         })
     }
 
+    /// Like [`Agents::spawn`], but each agent runs with only the capabilities the DaemonSet
+    /// grants (BPF, PERFMON, NET_ADMIN: `setpriv` limits root's bounding set) on a bpffs
+    /// mounted beforehand, as the host's bpffs is in a DaemonSet.
+    pub fn spawn_least_privileged(
+        cluster: &Cluster,
+        binary: &Path,
+        source_args: impl Fn(usize) -> Vec<String>,
+    ) -> std::io::Result<Agents> {
+        let mut agents = Agents(Vec::new());
+        let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+        for (index, node) in cluster.nodes.iter().enumerate() {
+            let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
+            let mut args: Vec<String> = ["agent", "--node", &node.name, "--bpffs", &bpffs].map(String::from).to_vec();
+            args.extend(source_args(index));
+            let command: Vec<String> = args.iter().map(|a| quote(a)).collect();
+            let script = format!(
+                "mkdir -p {b} && mount -t bpf bpf {b} && exec setpriv --bounding-set -all,+bpf,+perfmon,+net_admin --inh-caps -all -- {bin} {args}",
+                b = quote(&bpffs),
+                bin = quote(&binary.to_string_lossy()),
+                args = command.join(" ")
+            );
+            agents.0.push(cluster.spawn_on_node(index, Path::new("/bin/sh"), &["-c", &script])?);
+        }
+        Ok(agents)
+    }
+
     /// `netsieve agent --node NODE --bpffs ... <source_args(node index)>` on every node.
     pub fn spawn(cluster: &Cluster, binary: &Path, source_args: impl Fn(usize) -> Vec<String>) -> std::io::Result<Agents> {
         let mut agents = Agents(Vec::new());

@@ -99,6 +99,15 @@ impl IdentityAllocator {
         self.by_label_set.iter().filter(|(_, (_, count))| *count > 0).map(|(k, (id, _))| (k, *id))
     }
 
+    /// Live identities of one namespace (label sets are ordered by namespace first).
+    pub fn live_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = (&'a LabelSet, u32)> + 'a {
+        self.by_label_set
+            .range((namespace.to_string(), Labels::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .filter(|(_, (_, count))| *count > 0)
+            .map(|(k, (id, _))| (k, *id))
+    }
+
     pub fn len(&self) -> usize {
         self.by_label_set.len()
     }
@@ -169,14 +178,26 @@ fn translate_rule(
                     net: to_mapped(*cidr),
                     except: except.iter().map(|e| to_mapped(*e)).collect(),
                 }),
-                Peer::Pods { .. } => PeerInput::Identities(
-                    ids.live()
-                        .filter(|((namespace, labels), _)| {
-                            state.peer_selects_labels(peer, policy_namespace, namespace, labels)
-                        })
-                        .map(|(_, id)| id)
-                        .collect(),
-                ),
+                Peer::Pods { namespaces, .. } => {
+                    // Only the namespaces the peer can admit are scanned: its own, or those
+                    // its namespaceSelector matches.
+                    let candidates: Vec<&str> = match namespaces {
+                        None => vec![policy_namespace],
+                        Some(selector) => {
+                            state.namespaces.iter().filter(|(_, l)| selector.matches(l)).map(|(n, _)| n.as_str()).collect()
+                        }
+                    };
+                    PeerInput::Identities(
+                        candidates
+                            .into_iter()
+                            .flat_map(|namespace| ids.live_in(namespace))
+                            .filter(|((namespace, labels), _)| {
+                                state.peer_selects_labels(peer, policy_namespace, namespace, labels)
+                            })
+                            .map(|(_, id)| id)
+                            .collect(),
+                    )
+                }
             })
             .collect(),
     };
@@ -381,10 +402,12 @@ impl NodeCompiler {
     /// - a local pod that changed (its labels decide its policies; its named ports its ingress);
     /// - every endpoint selected by a policy before or after its change;
     /// - when a label set gains its first or loses its last pod (an identity appears or goes),
-    ///   the endpoints with a selector peer that admits that label set;
-    /// - when namespace labels change, the endpoints with a namespaceSelector peer;
-    /// - when a pod declaring named ports changes, the endpoints with egress named-port rules
-    ///   (those resolve to pod addresses, not identities).
+    ///   the endpoints selected by a policy with a selector peer that admits that label set;
+    /// - when namespace labels change, the endpoints selected by a policy with a
+    ///   namespaceSelector whose verdict on that namespace changed;
+    /// - when a pod declaring named ports changes in a way that matters to them, the endpoints
+    ///   selected by a policy with egress named-port rules (those resolve to pod addresses,
+    ///   not identities).
     ///
     /// A pod that only changes address keeps its identity: only the ipcache changes.
     pub fn apply(
@@ -395,29 +418,30 @@ impl NodeCompiler {
     ) -> Dirty {
         let mut dirty = Dirty::default();
         let mut recompile: BTreeSet<String> = BTreeSet::new();
-        let mut identity_churn: Vec<LabelSet> = Vec::new();
-        let mut namespace_churn = false;
-        let mut named_port_churn = false;
+        let mut churn = Churn::default();
         let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
         for change in changes {
             match change {
                 ClusterChange::Pod { old, new } => {
                     for pod in old.iter().filter(|p| p.selectable()) {
                         if self.ids.release(pod) {
-                            identity_churn.push((pod.namespace.clone(), pod.labels.clone()));
+                            churn.identities.push((pod.namespace.clone(), pod.labels.clone()));
                         }
                     }
                     for pod in new.iter().filter(|p| p.selectable()) {
                         if self.ids.acquire(pod) {
-                            identity_churn.push((pod.namespace.clone(), pod.labels.clone()));
+                            churn.identities.push((pod.namespace.clone(), pod.labels.clone()));
                         }
+                    }
+                    // Egress named ports resolve to the addresses of the pods declaring them.
+                    let resolution = |p: &PodInfo| (p.selectable(), p.ips.clone(), p.named_ports.clone(), p.labels.clone());
+                    let declares = old.iter().chain(new.iter()).any(|p| !p.named_ports.is_empty());
+                    if declares && old.as_ref().map(resolution) != new.as_ref().map(resolution) {
+                        churn.named_ports = true;
                     }
                     for pod in old.iter().chain(new.iter()) {
                         addresses.extend(pod.ips.iter().copied());
                         addresses.extend(pod.host_ips.iter().copied());
-                        if !pod.named_ports.is_empty() {
-                            named_port_churn = true;
-                        }
                         recompile.insert(pod.key());
                     }
                     if let Some(pod) = new.as_ref().filter(|p| self.is_local(p)) {
@@ -427,7 +451,11 @@ impl NodeCompiler {
                         self.local.remove(&pod.key());
                     }
                 }
-                ClusterChange::Namespace { old, new, .. } => namespace_churn |= old != new,
+                ClusterChange::Namespace { old, new, .. } => {
+                    if old != new {
+                        churn.namespaces.push((old.clone(), new.clone()));
+                    }
+                }
                 ClusterChange::Policy { old, new } => {
                     for policy in old.iter().chain(new.iter()) {
                         for key in self.local.keys() {
@@ -443,31 +471,17 @@ impl NodeCompiler {
                 }
             }
         }
-        if !identity_churn.is_empty() || namespace_churn || named_port_churn {
-            for key in self.local.keys() {
-                let Some(pod) = state.pods.get(key) else { continue };
-                if recompile.contains(key) {
-                    continue;
-                }
-                let affected = [Direction::Ingress, Direction::Egress].into_iter().any(|direction| {
-                    state.selecting(pod, direction).any(|policy| {
-                        policy.rules(direction).unwrap_or_default().iter().any(|rule| {
-                            let named = named_port_churn
-                                && direction == Direction::Egress
-                                && rule.ports.iter().flatten().any(|p| matches!(p.port, PortSpec::Named(_)));
-                            named
-                                || rule.peers.iter().flatten().any(|peer| {
-                                    let Peer::Pods { namespaces, .. } = peer else { return false };
-                                    (namespace_churn && namespaces.is_some())
-                                        || identity_churn.iter().any(|(namespace, labels)| {
-                                            state.peer_selects_labels(peer, &policy.namespace, namespace, labels)
-                                        })
-                                })
-                        })
-                    })
-                });
-                if affected {
-                    recompile.insert(key.clone());
+        if !churn.is_empty() {
+            // Policies first (their number bounds the work), then the local pods they select.
+            let affected: Vec<&CompiledPolicy> = state.policies.values().filter(|p| churn.affects(state, p)).collect();
+            if !affected.is_empty() {
+                for key in self.local.keys() {
+                    if recompile.contains(key) {
+                        continue;
+                    }
+                    if state.pods.get(key).is_some_and(|pod| affected.iter().any(|p| p.selects(pod))) {
+                        recompile.insert(key.clone());
+                    }
                 }
             }
         }
@@ -552,6 +566,47 @@ impl NodeCompiler {
             self.program.endpoints.insert(key.to_string(), program);
             dirty.endpoints.insert(key.to_string());
         }
+    }
+}
+
+/// What a batch of changes did to the inputs that selector peers resolve against.
+#[derive(Default)]
+struct Churn {
+    /// Label sets that gained their first or lost their last pod.
+    identities: Vec<LabelSet>,
+    /// Namespace labels before and after.
+    namespaces: Vec<(Option<Labels>, Option<Labels>)>,
+    named_ports: bool,
+}
+
+impl Churn {
+    fn is_empty(&self) -> bool {
+        self.identities.is_empty() && self.namespaces.is_empty() && !self.named_ports
+    }
+
+    /// Whether the resolved peers of `policy` can differ because of this churn.
+    fn affects(&self, state: &ClusterState, policy: &CompiledPolicy) -> bool {
+        [Direction::Ingress, Direction::Egress].into_iter().any(|direction| {
+            policy.rules(direction).unwrap_or_default().iter().any(|rule| {
+                let named = self.named_ports
+                    && direction == Direction::Egress
+                    && rule.ports.iter().flatten().any(|p| matches!(p.port, PortSpec::Named(_)));
+                named
+                    || rule.peers.iter().flatten().any(|peer| {
+                        let Peer::Pods { namespaces, .. } = peer else { return false };
+                        let namespace_flipped = namespaces.as_ref().is_some_and(|selector| {
+                            self.namespaces.iter().any(|(old, new)| {
+                                old.as_ref().is_some_and(|l| selector.matches(l))
+                                    != new.as_ref().is_some_and(|l| selector.matches(l))
+                            })
+                        });
+                        namespace_flipped
+                            || self.identities.iter().any(|(namespace, labels)| {
+                                state.peer_selects_labels(peer, &policy.namespace, namespace, labels)
+                            })
+                    })
+            })
+        })
     }
 }
 
