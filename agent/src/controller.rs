@@ -240,8 +240,11 @@ impl Controller {
         result
     }
 
+    /// Writes what changed. Every batch is observed in the latency histogram, including
+    /// those that needed no write (the maps already reflected them).
     fn program<M: PolicyMaps>(&mut self, maps: &mut M, dirty: Dirty, received: Instant) -> Result<SyncReport, SyncError> {
         if dirty.is_empty() && !self.needs_full_sync {
+            self.metrics.observe_programming(received.elapsed());
             return Ok(SyncReport::default());
         }
         let result = if self.needs_full_sync {

@@ -222,8 +222,10 @@ struct Agent {
     dataplane: Dataplane,
     controller: Controller,
     metrics: Arc<Metrics>,
-    /// Kinds whose initial list has been applied (API mode).
+    /// Kinds whose initial list has been received (API mode).
     listed: BTreeSet<ObjectKind>,
+    /// Events held until every kind has been listed once.
+    pending: Vec<Received>,
     /// Manifests mode: the directory as last loaded, and whether one load succeeded.
     last_fingerprint: Option<DirFingerprint>,
     manifests_loaded: bool,
@@ -241,6 +243,7 @@ impl Agent {
             controller,
             metrics,
             listed: BTreeSet::new(),
+            pending: Vec::new(),
             last_fingerprint: None,
             manifests_loaded: false,
             last_resync: Instant::now(),
@@ -308,16 +311,20 @@ impl Agent {
     }
 
     fn apply_events(&mut self, batch: Vec<Received>) {
+        for (event, _) in &batch {
+            if let ObjectEvent::Relisted(kind, _) = event {
+                self.listed.insert(*kind);
+            }
+        }
+        self.pending.extend(batch);
+        // Nothing is programmed (or attached) until every kind has been listed once: pods
+        // without their policies would be programmed wide open.
+        if self.listed.len() < ObjectKind::ALL.len() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending);
         let Some(received) = batch.first().map(|(_, at)| *at) else { return };
-        let events: Vec<ObjectEvent> = batch
-            .into_iter()
-            .map(|(event, _)| {
-                if let ObjectEvent::Relisted(kind, _) = &event {
-                    self.listed.insert(*kind);
-                }
-                event
-            })
-            .collect();
+        let events: Vec<ObjectEvent> = batch.into_iter().map(|(event, _)| event).collect();
         let result = {
             let dp = &mut self.dataplane;
             let interface_of = Dataplane::interface_of(&dp.interfaces);
@@ -371,28 +378,24 @@ impl Agent {
         self.attach_programmed();
     }
 
-    /// Interfaces: reprogram endpoints whose interface appeared, went or moved.
-    fn poll_interfaces(&mut self) {
-        let interfaces = match InterfaceIndex::read() {
-            Ok(i) => i,
-            Err(error) => {
-                self.metrics.reconcile_error("discovery");
-                tracing::error!(%error, "cannot read interfaces; keeping the last state");
-                return;
-            }
-        };
-        let same = self.dataplane.interfaces.same_links(&interfaces);
+    /// Interfaces appeared, went or moved (reported by the discovery thread): reprogram the
+    /// endpoints concerned.
+    fn apply_interfaces(&mut self, interfaces: InterfaceIndex) {
+        let received = Instant::now();
         self.dataplane.interfaces = interfaces;
-        if !same {
-            let received = Instant::now();
-            let result = {
-                let dp = &mut self.dataplane;
-                let interface_of = Dataplane::interface_of(&dp.interfaces);
-                self.controller.refresh_interfaces(&mut dp.maps, received, &interface_of)
-            };
-            self.record(result);
-            self.detach_unwanted();
-        }
+        let result = {
+            let dp = &mut self.dataplane;
+            let interface_of = Dataplane::interface_of(&dp.interfaces);
+            self.controller.refresh_interfaces(&mut dp.maps, received, &interface_of)
+        };
+        self.record(result);
+        self.detach_unwanted();
+        let attached = self.attach_programmed();
+        self.update_readiness(attached);
+    }
+
+    /// Every tick: the periodic full resync, attach retries, readiness.
+    fn periodic(&mut self) {
         let resync = Duration::from_secs(self.args.resync_interval);
         if !resync.is_zero() && self.last_resync.elapsed() >= resync {
             self.last_resync = Instant::now();
@@ -463,10 +466,40 @@ impl Agent {
     }
 
     fn shutdown(&mut self) {
+        let started = Instant::now();
+        let interfaces = self.dataplane.attachments.ifindexes().len();
         self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
         let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
-        tracing::info!("agent stopped: programs detached, pins removed");
+        tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
     }
+}
+
+/// Reads the interface tables every [`POLL_INTERVAL`] on a thread of its own and reports
+/// them when they differ from the last report. Ends when the agent drops the receiver.
+fn spawn_discovery(mut last: InterfaceIndex, metrics: Arc<Metrics>) -> mpsc::UnboundedReceiver<InterfaceIndex> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(POLL_INTERVAL);
+            match InterfaceIndex::read() {
+                Ok(interfaces) => {
+                    if !interfaces.same_links(&last) {
+                        last = interfaces.clone();
+                        if tx.send(interfaces).is_err() {
+                            return;
+                        }
+                    } else if tx.is_closed() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    metrics.reconcile_error("discovery");
+                    tracing::error!(%error, "cannot read interfaces; keeping the last state");
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Serves /metrics, /healthz and /readyz until the runtime stops.
@@ -522,7 +555,13 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         serve_metrics(args.metrics_addr, metrics.clone()).await?;
         let counters_every = Duration::from_secs(args.counters_interval);
         let mut agent = Agent::start(args.clone(), metrics.clone())?;
-        agent.poll_interfaces();
+        // Interface tables are read by `ip`/`bridge` subprocesses on their own thread, so the
+        // agent loop never waits on them while events queue up.
+        match InterfaceIndex::read() {
+            Ok(interfaces) => agent.apply_interfaces(interfaces),
+            Err(error) => tracing::error!(%error, "cannot read interfaces yet; retrying"),
+        }
+        let mut links = spawn_discovery(agent.dataplane.interfaces.clone(), metrics.clone());
         let (events_tx, mut events) = mpsc::unbounded_channel::<Received>();
         let mut watchers = Vec::new();
         match &args.manifests {
@@ -552,11 +591,12 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     }
                     agent.apply_events(batch);
                 }
+                Some(interfaces) = links.recv() => agent.apply_interfaces(interfaces),
                 _ = ticker.tick() => {
                     if let Some(dir) = args.manifests.clone() {
                         agent.poll_manifests(&dir);
                     }
-                    agent.poll_interfaces();
+                    agent.periodic();
                     if last_snapshot.elapsed() >= Duration::from_millis(500) {
                         let snapshot = agent.snapshot();
                         metrics.set_dataplane(snapshot);

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the programming latency histogram buckets.
-pub const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 /// A cumulative histogram with fixed buckets.
 #[derive(Clone, Debug, Default)]
@@ -271,7 +272,7 @@ mod tests {
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(10));
         assert_eq!(h.count(), 3);
-        assert_eq!(h.counts[0], 1);
+        assert_eq!(h.counts[1], 1);
         assert_eq!(h.counts[LATENCY_BUCKETS.iter().position(|b| *b == 0.005).unwrap_or(0)], 2);
         assert_eq!(*h.counts.last().unwrap_or(&0), 2);
     }

@@ -14,7 +14,6 @@ use netsieve_tests::netns::{Cluster, eventually, in_netns, namespaces_with_prefi
 use netsieve_tests::seed_cluster::{ACCESS_NGINX, Agents, CACHE_STORE, PODS, layout, namespace_of, remove_mount_root};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -107,22 +106,8 @@ fn check(cluster: &Cluster, api: &FakeApiServer, policies: &[&str], stage: &str,
     eprintln!("{stage}: {} probes agree after {:?}", PROBES.len(), started.elapsed());
 }
 
-/// HTTP/1.0 GET from inside a node's namespace: (status, body).
 fn http_get(cluster: &Cluster, node: usize, path: &str) -> Option<(u16, String)> {
-    let path = path.to_string();
-    let handle = in_netns(&cluster.nodes[node].netns, move || -> Option<(u16, String)> {
-        let mut stream =
-            std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], METRICS_PORT).into(), Duration::from_secs(1)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let code = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((code, body.to_string()))
-    })
-    .ok()?;
-    handle.join().ok()?.ok()?
+    cluster.http_get(node, METRICS_PORT, path)
 }
 
 /// Parses the Prometheus text format strictly enough to catch malformed output: every sample
@@ -287,6 +272,7 @@ fn agents_follow_the_api_server() {
     check(&cluster, &api, &policies, "after 410 Gone and a re-list", Duration::from_secs(20));
     let (lists_after, watches, gone) = api.request_counts();
     assert!(gone > 0, "no watch was answered with 410");
+    assert!(api.bookmarks_sent() > 0, "the watchers did not ask for bookmarks");
     assert!(lists_after > lists_before, "no re-list after 410");
     eprintln!("api server: {lists_after} lists, {watches} watches, {gone} answered 410");
 

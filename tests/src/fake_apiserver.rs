@@ -70,6 +70,7 @@ struct Inner {
     lists: HashMap<Resource, usize>,
     watches: HashMap<Resource, usize>,
     gone_sent: usize,
+    bookmarks_sent: usize,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -176,6 +177,11 @@ impl FakeApiServer {
         }
     }
 
+    /// BOOKMARK events sent so far (only to watches that asked for them).
+    pub fn bookmarks_sent(&self) -> usize {
+        lock(&self.shared).bookmarks_sent
+    }
+
     /// (lists, watches, 410s sent) so far, all resources.
     pub fn request_counts(&self) -> (usize, usize, usize) {
         let inner = lock(&self.shared);
@@ -262,7 +268,7 @@ async fn serve(State(shared): State<Shared>, Query(query): Query<HashMap<String,
                 return None;
             }
             {
-                let inner = lock(&shared);
+                let mut inner = lock(&shared);
                 if inner.disconnect_generation != generation || inner.unavailable {
                     return None;
                 }
@@ -278,6 +284,7 @@ async fn serve(State(shared): State<Shared>, Query(query): Query<HashMap<String,
                 }
                 if bookmarks && last_bookmark.elapsed() >= Duration::from_millis(100) {
                     last_bookmark = Instant::now();
+                    inner.bookmarks_sent += 1;
                     cursor = cursor.max(inner.resource_version);
                     let line = json!({"type": "BOOKMARK", "object": {"kind": resource.kind(), "apiVersion": resource.api_version(),
                                       "metadata": {"resourceVersion": cursor.to_string()}}});

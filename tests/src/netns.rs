@@ -292,6 +292,26 @@ impl Cluster {
         matches!(probe.map(|h| h.join()), Ok(Ok(Ok(true))))
     }
 
+    /// HTTP/1.0 GET to 127.0.0.1:`port` inside a node's namespace (an agent's metrics and
+    /// health endpoints): (status, body), or None if nothing answered within 2 s.
+    pub fn http_get(&self, node: usize, port: u16, path: &str) -> Option<(u16, String)> {
+        let path = path.to_string();
+        let handle = in_netns(&self.nodes[node].netns, move || -> Option<(u16, String)> {
+            use std::io::{Read, Write};
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).ok()?;
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            let code = head.split_whitespace().nth(1)?.parse().ok()?;
+            Some((code, body.to_string()))
+        })
+        .ok()?;
+        handle.join().ok()?.ok()?
+    }
+
     /// Starts a command inside a node's namespace (e.g. the agent).
     pub fn spawn_on_node(&self, node: usize, program: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::Child> {
         Command::new("ip")

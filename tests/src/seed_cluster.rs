@@ -99,7 +99,27 @@ pub fn write_manifests(dir: &Path, cluster: &Cluster) -> std::io::Result<()> {
 
 /// One `netsieve agent --manifests` per node, each inside its node's namespace. Dropping
 /// stops them (SIGTERM, then SIGKILL after 5 s).
-pub struct Agents(Vec<Child>);
+pub struct Agents(Vec<RunningAgent>);
+
+/// An agent process and the thread that drains its stderr: an undrained pipe fills up and
+/// blocks the agent on its next log line.
+struct RunningAgent {
+    child: Child,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl RunningAgent {
+    fn new(mut child: Child) -> RunningAgent {
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+                text
+            })
+        });
+        RunningAgent { child, stderr }
+    }
+}
 
 impl Agents {
     pub fn start(cluster: &Cluster, binary: &Path, manifests: &Path, extra: &[&str]) -> std::io::Result<Agents> {
@@ -132,7 +152,7 @@ impl Agents {
                 bin = quote(&binary.to_string_lossy()),
                 args = command.join(" ")
             );
-            agents.0.push(cluster.spawn_on_node(index, Path::new("/bin/sh"), &["-c", &script])?);
+            agents.0.push(RunningAgent::new(cluster.spawn_on_node(index, Path::new("/bin/sh"), &["-c", &script])?));
         }
         Ok(agents)
     }
@@ -145,32 +165,46 @@ impl Agents {
             let mut args: Vec<String> = ["agent", "--node", &node.name, "--bpffs", &bpffs].map(String::from).to_vec();
             args.extend(source_args(index));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            agents.0.push(cluster.spawn_on_node(index, binary, &args)?);
+            agents.0.push(RunningAgent::new(cluster.spawn_on_node(index, binary, &args)?));
         }
         Ok(agents)
     }
 
+    /// Process ids of the agents, in node order (the `ip netns exec`/`setpriv` wrappers exec
+    /// into the agent, so these are the agents themselves).
+    pub fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(|a| a.child.id()).collect()
+    }
+
     /// SIGTERM to every agent; returns (success, stderr) of each, in node order.
     pub fn stop(&mut self) -> Vec<(bool, String)> {
+        self.stop_within(Duration::from_secs(5))
+    }
+
+    /// SIGTERM to every agent, SIGKILL after `limit`; returns (success, stderr) of each.
+    pub fn stop_within(&mut self, limit: Duration) -> Vec<(bool, String)> {
         let mut results = Vec::new();
-        for child in self.0.drain(..) {
+        for mut agent in self.0.drain(..) {
+            let pid = agent.child.id();
             // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let pid = child.id();
-            match wait_bounded(child, Duration::from_secs(5)) {
-                Some(output) => results.push((output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())),
-                None => results.push((false, format!("agent {pid} did not stop within 5 s"))),
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let exited = wait_bounded(&mut agent.child, limit);
+            let stderr = agent.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+            match exited {
+                Some(status) => results.push((status.success(), stderr)),
+                None => results.push((false, format!("{stderr}\nagent {pid} did not stop within {limit:?}; killed"))),
             }
         }
         results
     }
 }
 
-fn wait_bounded(mut child: Child, limit: Duration) -> Option<std::process::Output> {
+/// Waits for the child up to `limit`, then kills it (None).
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return child.wait_with_output().ok();
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

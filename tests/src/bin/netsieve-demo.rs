@@ -63,6 +63,18 @@ fn run() -> Result<(), String> {
     probe(&cluster, "build-code", "cache-store", 6379, false)?;
     probe(&cluster, "internal-proxy", "cache-store", 6379, true)?;
 
+    // Each agent serves Prometheus metrics and health on :9090 inside its node's namespace.
+    std::thread::sleep(Duration::from_millis(700));
+    println!("\nmetrics from node0's agent (curl 127.0.0.1:9090/metrics in its namespace), non-zero series:");
+    let ready = cluster.http_get(0, 9090, "/readyz").map(|(code, body)| format!("{code} {}", body.trim()));
+    let (_, text) = cluster.http_get(0, 9090, "/metrics").ok_or("node0's agent does not serve /metrics")?;
+    let wanted = ["netsieve_drops_total", "netsieve_endpoint_packets_total", "netsieve_endpoints ", "netsieve_policies ",
+                  "netsieve_identities ", "netsieve_policy_programming_duration_seconds_count"];
+    for line in text.lines().filter(|l| wanted.iter().any(|w| l.starts_with(w)) && !l.ends_with(" 0")) {
+        println!("  {line}");
+    }
+    println!("  /readyz: {}", ready.unwrap_or_else(|| "no answer".into()));
+
     let logs = agents.stop();
     println!("\ndrop counters from the kernel (per node, direction/reason=packets):");
     for (node, (_, log)) in cluster.nodes.iter().zip(&logs) {
