@@ -32,14 +32,15 @@ impl ObjectKind {
     }
 }
 
-/// A decoded object. A NetworkPolicy that did not decode arrives as
-/// [`CompiledPolicy::undecodable`] so that it fails closed instead of vanishing.
+/// A decoded object. A NetworkPolicy the source already judged (one that did not decode, see
+/// [`CompiledPolicy::undecodable`], or had unknown spec fields) arrives compiled, so that it
+/// fails closed instead of vanishing.
 #[derive(Clone, Debug)]
 pub enum KubeObject {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     NetworkPolicy(Box<NetworkPolicy>),
-    UndecodablePolicy(Box<CompiledPolicy>),
+    CompiledPolicy(Box<CompiledPolicy>),
     /// An object that did not decode and keeps its previous version: (kind, key). In a re-list
     /// it still counts as present.
     Unchanged(ObjectKind, String),
@@ -112,7 +113,7 @@ fn object_key(object: &KubeObject) -> String {
         KubeObject::Namespace(ns) => ns.metadata.name.clone().unwrap_or_default(),
         KubeObject::Pod(pod) => key(pod.metadata.namespace.as_deref(), pod.metadata.name.as_deref().unwrap_or("")),
         KubeObject::NetworkPolicy(p) => key(p.metadata.namespace.as_deref(), p.metadata.name.as_deref().unwrap_or("")),
-        KubeObject::UndecodablePolicy(p) => p.key(),
+        KubeObject::CompiledPolicy(p) => p.key(),
         KubeObject::Unchanged(_, key) => key.clone(),
     }
 }
@@ -136,7 +137,7 @@ fn apply_object(state: &mut ClusterState, object: KubeObject) -> Option<ClusterC
             Some(ClusterChange::Pod { old, new: Some(info) })
         }
         KubeObject::NetworkPolicy(policy) => upsert_policy(state, CompiledPolicy::compile(&policy)),
-        KubeObject::UndecodablePolicy(policy) => upsert_policy(state, *policy),
+        KubeObject::CompiledPolicy(policy) => upsert_policy(state, *policy),
         KubeObject::Unchanged(..) => None,
     }
 }
@@ -185,10 +186,16 @@ impl Controller {
         let mut changes = Vec::new();
         for event in events {
             for change in apply_event(&mut self.state, event) {
-                if let ClusterChange::Policy { new: Some(policy), .. } = &change
-                    && !policy.errors.is_empty()
-                {
-                    self.metrics.invalid_object("NetworkPolicy", "invalid_policy");
+                match &change {
+                    ClusterChange::Policy { new: Some(policy), .. } if !policy.errors.is_empty() => {
+                        self.metrics.invalid_object("NetworkPolicy", "invalid_policy");
+                    }
+                    ClusterChange::Pod { new: Some(pod), .. } if !pod.host_network && pod.ips.is_empty() => {
+                        // Normal while a pod starts; it is enforced once it has an address.
+                        self.metrics.invalid_object("Pod", "without_ip");
+                        tracing::info!(pod = %pod.key(), node = ?pod.node, "pod has no IP address yet: not a peer, not enforced");
+                    }
+                    _ => {}
                 }
                 changes.push(change);
             }
@@ -322,7 +329,7 @@ mod tests {
     fn undecodable_policy_fails_its_namespace_closed() {
         let mut state = ClusterState::default();
         let policy = CompiledPolicy::undecodable("ns", "broken", "spec.podSelector: invalid type".into());
-        apply_event(&mut state, ObjectEvent::Applied(KubeObject::UndecodablePolicy(Box::new(policy))));
+        apply_event(&mut state, ObjectEvent::Applied(KubeObject::CompiledPolicy(Box::new(policy))));
         let pod = PodInfo {
             namespace: "ns".into(),
             name: "p".into(),

@@ -8,7 +8,7 @@
 //! previous version. Both are logged and counted.
 use crate::controller::{KubeObject, ObjectEvent, ObjectKind};
 use crate::metrics::Metrics;
-use crate::policy::CompiledPolicy;
+use crate::policy::{CompiledPolicy, decode_object};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -118,27 +118,44 @@ async fn watch_kind(client: kube::Client, kind: ObjectKind, events: UnboundedSen
 fn decode(kind: ObjectKind, object: DynamicObject, metrics: &Metrics) -> KubeObject {
     let namespace = object.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = object.metadata.name.clone().unwrap_or_default();
-    let decoded = match kind {
-        ObjectKind::Namespace => object.try_parse::<Namespace>().map(|o| KubeObject::Namespace(Box::new(o))),
-        ObjectKind::Pod => object.try_parse::<Pod>().map(|o| KubeObject::Pod(Box::new(o))),
-        ObjectKind::NetworkPolicy => object.try_parse::<NetworkPolicy>().map(|o| KubeObject::NetworkPolicy(Box::new(o))),
+    let key = match kind {
+        ObjectKind::Namespace => name.clone(),
+        _ => format!("{namespace}/{name}"),
     };
+    let decoded = serde_json::to_value(&object).and_then(|value| match kind {
+        ObjectKind::Namespace => decode_object::<Namespace>(value).map(|(o, u)| (KubeObject::Namespace(Box::new(o)), u)),
+        ObjectKind::Pod => decode_object::<Pod>(value).map(|(o, u)| (KubeObject::Pod(Box::new(o)), u)),
+        ObjectKind::NetworkPolicy => decode_object::<NetworkPolicy>(value).map(|(o, u)| {
+            if u.iter().any(|p| p.starts_with("spec")) {
+                let compiled = CompiledPolicy::compile(&o).with_unknown_fields(&u);
+                (KubeObject::CompiledPolicy(Box::new(compiled)), u)
+            } else {
+                (KubeObject::NetworkPolicy(Box::new(o)), u)
+            }
+        }),
+    });
     match decoded {
-        Ok(decoded) => decoded,
+        Ok((decoded, unknown)) => {
+            if !unknown.is_empty() {
+                metrics.invalid_object(kind_name(kind), "unknown_fields");
+                if kind == ObjectKind::NetworkPolicy {
+                    tracing::warn!(object = %key, ?unknown, "unknown fields in NetworkPolicy (under spec: the policy fails closed)");
+                } else {
+                    tracing::debug!(kind = kind_name(kind), object = %key, ?unknown, "unknown fields ignored");
+                }
+            }
+            decoded
+        }
         Err(error) => {
             metrics.invalid_object(kind_name(kind), "undecodable");
             match kind {
                 ObjectKind::NetworkPolicy => {
-                    tracing::error!(policy = %format!("{namespace}/{name}"), %error, "policy does not decode: pods of its namespace fail closed");
-                    KubeObject::UndecodablePolicy(Box::new(CompiledPolicy::undecodable(&namespace, &name, error.to_string())))
+                    tracing::error!(policy = %key, %error, "policy does not decode: pods of its namespace fail closed");
+                    KubeObject::CompiledPolicy(Box::new(CompiledPolicy::undecodable(&namespace, &name, error.to_string())))
                 }
-                ObjectKind::Pod => {
-                    tracing::error!(pod = %format!("{namespace}/{name}"), %error, "pod does not decode: keeping its previous version");
-                    KubeObject::Unchanged(kind, format!("{namespace}/{name}"))
-                }
-                ObjectKind::Namespace => {
-                    tracing::error!(namespace = %name, %error, "namespace does not decode: keeping its previous version");
-                    KubeObject::Unchanged(kind, name)
+                ObjectKind::Pod | ObjectKind::Namespace => {
+                    tracing::error!(kind = kind_name(kind), object = %key, %error, "object does not decode: keeping its previous version");
+                    KubeObject::Unchanged(kind, key)
                 }
             }
         }

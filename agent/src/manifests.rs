@@ -31,6 +31,8 @@ pub struct Manifests {
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
+    /// Fields of a policy (by `namespace/name`) that the NetworkPolicy type does not know.
+    pub policy_unknown_fields: std::collections::BTreeMap<String, Vec<String>>,
     pub errors: Vec<ManifestError>,
 }
 
@@ -43,7 +45,13 @@ pub enum LoadError {
 impl Manifests {
     /// Builds the semantics' view of the loaded objects.
     pub fn cluster_state(&self) -> crate::policy::ClusterState {
-        crate::policy::ClusterState::new(&self.namespaces, &self.pods, &self.policies, &self.nodes)
+        let mut state = crate::policy::ClusterState::new(&self.namespaces, &self.pods, &self.policies, &self.nodes);
+        for (key, unknown) in &self.policy_unknown_fields {
+            if let Some(policy) = state.remove_policy(key) {
+                state.upsert_policy(policy.with_unknown_fields(unknown));
+            }
+        }
+        state
     }
 
     fn add(&mut self, value: Value, file: &Path, document: usize) {
@@ -72,8 +80,19 @@ impl Manifests {
                 Ok(pod) => self.pods.push(pod),
                 Err(e) => self.errors.push(error(format!("Pod: {e}"))),
             },
-            Some("NetworkPolicy") => match NetworkPolicy::deserialize(value) {
-                Ok(policy) => self.policies.push(policy),
+            Some("NetworkPolicy") => match crate::policy::decode_object::<NetworkPolicy>(value) {
+                Ok((policy, unknown)) => {
+                    if !unknown.is_empty() {
+                        let key = format!(
+                            "{}/{}",
+                            policy.metadata.namespace.as_deref().unwrap_or("default"),
+                            policy.metadata.name.as_deref().unwrap_or_default()
+                        );
+                        tracing::warn!(file = %file.display(), document, policy = %key, ?unknown, "unknown fields in NetworkPolicy");
+                        self.policy_unknown_fields.insert(key, unknown);
+                    }
+                    self.policies.push(policy)
+                }
                 Err(e) => self.errors.push(error(format!("NetworkPolicy: {e}"))),
             },
             Some(other) => tracing::debug!(file = %file.display(), document, kind = other, "skipping kind"),

@@ -8,7 +8,7 @@
 //! outside the namespaces it creates.
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use netsieve::policy::{ClusterState, CompiledPolicy, Protocol, explain};
+use netsieve::policy::{ClusterState, CompiledPolicy, Protocol, decode_object, explain};
 use netsieve_tests::fake_apiserver::{FakeApiServer, Resource};
 use netsieve_tests::netns::{Cluster, eventually, in_netns, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{ACCESS_NGINX, Agents, CACHE_STORE, PODS, layout, namespace_of, remove_mount_root};
@@ -54,8 +54,8 @@ fn oracle(api: &FakeApiServer, policies: &[&str]) -> ClusterState {
     let mut state = ClusterState::new(&namespaces, &pods, &[], &[]);
     for key in policies {
         let Some(value) = api.get(Resource::NetworkPolicies, key) else { continue };
-        let compiled = match serde_json::from_value::<NetworkPolicy>(value) {
-            Ok(policy) => CompiledPolicy::compile(&policy),
+        let compiled = match decode_object::<NetworkPolicy>(value) {
+            Ok((policy, unknown)) => CompiledPolicy::compile(&policy).with_unknown_fields(&unknown),
             Err(error) => {
                 let (ns, name) = key.split_once('/').expect("key");
                 CompiledPolicy::undecodable(ns, name, error.to_string())
@@ -299,6 +299,9 @@ fn agents_follow_the_api_server() {
     let samples = parse_metrics(&http_get(&cluster, 0, "/metrics").expect("scrape").1);
     assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"NetworkPolicy\",reason=\"invalid_policy\"}") >= 2.0);
     assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"NetworkPolicy\",reason=\"undecodable\"}") >= 1.0);
+    assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"NetworkPolicy\",reason=\"unknown_fields\"}") >= 1.0);
+    assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"Pod\",reason=\"unknown_fields\"}") >= 1.0);
+    assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"Pod\",reason=\"without_ip\"}") >= 1.0);
     assert!(metric(&samples, "netsieve_policies_invalid") >= 3.0);
     assert!(metric(&samples, "netsieve_api_watch_restarts_total{resource=\"pods\"}") >= 1.0);
     assert!(metric(&samples, "netsieve_api_relists_total{resource=\"pods\"}") >= 1.0);

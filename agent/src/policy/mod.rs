@@ -263,6 +263,27 @@ impl CompiledPolicy {
         }
     }
 
+    /// Fails the policy closed if the object had fields netsieve does not know under `spec`:
+    /// such a field may restrict traffic in a way this version cannot enforce (a newer API),
+    /// so ignoring it could open traffic. Unknown fields elsewhere (metadata, status) do not
+    /// change what the policy means.
+    pub fn with_unknown_fields(mut self, unknown: &[String]) -> CompiledPolicy {
+        let in_spec: Vec<&String> = unknown.iter().filter(|p| p.starts_with("spec")).collect();
+        if in_spec.is_empty() {
+            return self;
+        }
+        for path in in_spec {
+            self.errors.push(PolicyError::InvalidPolicy {
+                policy: self.key(),
+                field: path.clone(),
+                message: "unknown field: its meaning cannot be enforced, so the policy fails closed".into(),
+            });
+        }
+        self.ingress = self.ingress.map(|_| Vec::new());
+        self.egress = self.egress.map(|_| Vec::new());
+        self
+    }
+
     /// Validates a NetworkPolicy object. Never fails: problems are recorded in `errors` and
     /// make the policy fail closed.
     pub fn compile(policy: &NetworkPolicy) -> CompiledPolicy {
@@ -492,6 +513,15 @@ pub struct ClusterState {
     pods_by_ip: BTreeMap<IpAddr, BTreeSet<String>>,
     /// Node addresses learnt from pods' hostIPs, with the number of pods reporting each.
     host_ips: BTreeMap<String, BTreeMap<IpAddr, usize>>,
+}
+
+/// Decodes a Kubernetes object into its typed form, listing the paths of fields the type does
+/// not know (`spec.futureField`), which plain decoding drops silently.
+pub fn decode_object<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<(T, Vec<String>), serde_json::Error> {
+    let mut unknown = Vec::new();
+    // serde_ignored renders wrapper levels (Option, newtypes) as `?`; drop them.
+    let object = serde_ignored::deserialize(value, |path| unknown.push(path.to_string().replace(".?", "")))?;
+    Ok((object, unknown))
 }
 
 /// The labels of a Namespace object, with the automatic `kubernetes.io/metadata.name`.

@@ -357,3 +357,26 @@ fn resolve_and_family_alignment() {
     let client = w.state.resolve("default/client").expect("pod");
     assert!(w.state.flow(v6, client, TCP, 1).is_err(), "client has no IPv6 address");
 }
+
+/// Fields the NetworkPolicy type does not know are found (plain decoding drops them); under
+/// `spec` they fail the policy closed, elsewhere they change nothing.
+#[test]
+fn unknown_fields_are_reported_and_fail_closed_only_under_spec() {
+    let object = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "p", "namespace": "default", "futureMeta": 1},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}, "futurePeer": {"x": 1}}]}], "futureSpec": true},
+    });
+    let (policy, mut unknown) = decode_object::<NetworkPolicy>(object).expect("decodes");
+    unknown.sort();
+    assert_eq!(unknown, vec!["metadata.futureMeta", "spec.futureSpec", "spec.ingress.0.from.0.futurePeer"]);
+    let compiled = CompiledPolicy::compile(&policy);
+    assert!(compiled.errors.is_empty());
+    assert_eq!(compiled.ingress.as_ref().map(Vec::len), Some(1));
+    let judged = compiled.clone().with_unknown_fields(&unknown);
+    assert_eq!(judged.errors.len(), 2, "{:?}", judged.errors);
+    assert_eq!(judged.ingress, Some(Vec::new()), "fails closed: isolated, admits nothing");
+    assert_eq!(judged.egress, None, "directions it does not declare stay untouched");
+    let metadata_only = compiled.clone().with_unknown_fields(&["metadata.futureMeta".to_string()]);
+    assert_eq!(metadata_only, compiled);
+}
