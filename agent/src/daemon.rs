@@ -64,6 +64,40 @@ pub struct AgentArgs {
     /// path (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_interval: u64,
+    /// On SIGTERM: `detach` the programs (traffic flows unfiltered afterwards), or `keep`
+    /// them attached through their pins, enforcing the last programmed state until the next
+    /// agent takes over (DaemonSet upgrades, restarts). After `keep`, uninstalling needs
+    /// `netsieve cleanup`.
+    #[arg(long, value_enum, default_value_t = OnExit::Detach)]
+    pub on_exit: OnExit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    Detach,
+    Keep,
+}
+
+/// `netsieve cleanup`: detach and remove what `agent --on-exit keep` left on this node.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CleanupArgs {
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// The agent's `--bpffs` (used when /sys/fs/bpf is not a bpffs).
+    #[arg(long, default_value = "/run/netsieve/bpffs")]
+    pub bpffs: PathBuf,
+}
+
+/// Detaches the links an agent left pinned and removes its pins. Returns the number of links.
+pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
+    let Some(dir) = bpffs::existing_pin_dir(&args.node, &args.bpffs) else {
+        tracing::info!(node = %args.node, "nothing pinned for this node");
+        return Ok(0);
+    };
+    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"));
+    std::fs::remove_dir_all(&dir).map_err(|source| AgentError::Cleanup { path: dir.clone(), source })?;
+    tracing::info!(node = %args.node, links, dir = %dir.display(), "detached the programs and removed the pins");
+    Ok(links)
 }
 
 /// One error type for the agent, with a metric label per variant.
@@ -87,6 +121,8 @@ pub enum AgentError {
     MetricsServer { addr: SocketAddr, source: std::io::Error },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("removing {path}: {source}")]
+    Cleanup { path: PathBuf, source: std::io::Error },
     #[error("async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -104,6 +140,7 @@ impl AgentError {
             AgentError::Pin { .. } => "pin",
             AgentError::MetricsServer { .. } => "metrics_server",
             AgentError::Signal(_) => "signal",
+            AgentError::Cleanup { .. } => "cleanup",
             AgentError::Runtime(_) => "runtime",
         }
     }
@@ -153,8 +190,11 @@ struct Dataplane {
 impl Dataplane {
     fn load(args: &AgentArgs) -> Result<Dataplane, AgentError> {
         kernel::raise_memlock_rlimit();
-        let mut ebpf = kernel::load()?;
         let pin_dir = bpffs::ensure_pin_dir(&args.node, &args.bpffs)?;
+        let (mut ebpf, reused) = kernel::load_with_state(&pin_dir)?;
+        if reused {
+            tracing::info!("reusing the pinned conntrack table: connections admitted before the restart keep flowing");
+        }
         // Pin the counters so operators can read them with bpftool while the agent runs.
         for name in ["DROP_COUNTERS", "ENDPOINT_STATS", "ENDPOINTS"] {
             if let Some(map) = ebpf.map_mut(name) {
@@ -177,7 +217,7 @@ impl Dataplane {
             maps,
             drops,
             stats,
-            attachments: Attachments::default(),
+            attachments: Attachments::persistent(&pin_dir.join("links")),
             interfaces: InterfaceIndex::default(),
             pin_dir,
             counted_ids: BTreeMap::new(),
@@ -415,7 +455,7 @@ impl Agent {
         self.update_readiness(attached);
     }
 
-    fn update_readiness(&self, attached: bool) {
+    fn update_readiness(&mut self, attached: bool) {
         let synced = match &self.args.manifests {
             Some(_) => self.manifests_loaded,
             None => self.listed.len() == ObjectKind::ALL.len(),
@@ -428,6 +468,11 @@ impl Agent {
             ""
         };
         self.metrics.set_ready(reason.is_empty(), reason);
+        // Once in sync, a previous agent's links on interfaces we did not take over belong to
+        // pods that left: detach them.
+        if reason.is_empty() && self.dataplane.attachments.previous_links() > 0 {
+            self.dataplane.attachments.release_previous();
+        }
     }
 
     fn snapshot(&mut self) -> DataplaneSnapshot {
@@ -468,9 +513,20 @@ impl Agent {
     fn shutdown(&mut self) {
         let started = Instant::now();
         let interfaces = self.dataplane.attachments.ifindexes().len();
-        self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
-        let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
-        tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
+        match self.args.on_exit {
+            OnExit::Detach => {
+                self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
+                let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
+                tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
+            }
+            OnExit::Keep => {
+                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf);
+                tracing::info!(
+                    interfaces, links, pins = %self.dataplane.pin_dir.display(),
+                    "agent stopped: programs stay attached and enforce the last programmed state until the next agent takes over"
+                );
+            }
+        }
     }
 }
 

@@ -16,6 +16,9 @@ enum Command {
     Explain(netsieve::explain_cmd::ExplainArgs),
     /// Enforce NetworkPolicies for the pods of one node (runs until SIGTERM).
     Agent(netsieve::daemon::AgentArgs),
+    /// Detach the programs and remove the pins an `agent --on-exit keep` left on this node
+    /// (uninstalling). Exit status: 0 done, 2 error.
+    Cleanup(netsieve::daemon::CleanupArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,19 @@ fn main() -> ExitCode {
                 Err(error) => {
                     tracing::error!(%error, kind = error.metric_label(), "agent failed");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cleanup(args) => {
+            init_logging();
+            match netsieve::daemon::cleanup(&args) {
+                Ok(links) => {
+                    println!("detached {links} program links and removed the pins of node {}", args.node);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("netsieve cleanup: {error}");
+                    ExitCode::from(2)
                 }
             }
         }

@@ -74,6 +74,8 @@ fn daemonset_matches_the_agent() {
     for flag in args.iter().filter(|a| a.starts_with("--")) {
         assert!(help.contains(flag.as_str()), "netsieve agent has no {flag}");
     }
+    let on_exit = args.iter().skip_while(|a| *a != "--on-exit").nth(1).expect("--on-exit");
+    assert_eq!(on_exit, "keep", "upgrades must not open traffic");
     let addr = args.iter().skip_while(|a| *a != "--metrics-addr").nth(1).expect("metrics addr");
     let port: i32 = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
     let probe = |p: &Option<k8s_openapi::api::core::v1::Probe>| {

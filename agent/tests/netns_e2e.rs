@@ -3,44 +3,14 @@
 //! must be allowed or denied exactly as the semantics module predicts, through a policy
 //! update, a pod label change and a policy deletion. Needs root; touches nothing outside the
 //! namespaces it creates.
-use netsieve::policy::{Protocol, explain};
+mod common;
+use common::check_matrix;
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{
-    ACCESS_NGINX, Agents, layout, namespace_of, pods_manifest, remove_mount_root, write_atomically, write_manifests,
+    ACCESS_NGINX, Agents, layout, pods_manifest, remove_mount_root, write_atomically, write_manifests,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-fn semantics_allows(dir: &Path, from: &str, to: &str, port: u16, protocol: Protocol) -> bool {
-    let state = netsieve::manifests::load_dir(dir).expect("manifests").cluster_state();
-    let src = state.resolve(from).expect("from");
-    let dst = state.resolve(to).expect("to");
-    explain(&state, &state.flow(src, dst, protocol, port).expect("flow")).allowed
-}
-
-/// Probes every pair of the matrix and compares with the semantics module.
-fn check_matrix(cluster: &Cluster, dir: &Path, stage: &str) {
-    let probes: &[(&str, &str, u16, Protocol)] = &[
-        ("interactivetest", "nginx-1", 80, Protocol::Tcp),
-        ("nice-client", "nginx-1", 80, Protocol::Tcp),
-        ("interactivetest", "nginx-1", 5353, Protocol::Udp),
-        ("nice-client", "nginx-1", 5353, Protocol::Udp),
-        ("build-code", "cache-store", 6379, Protocol::Tcp),
-        ("internal-proxy", "cache-store", 6379, Protocol::Tcp),
-        ("nice-client", "cache-store", 6379, Protocol::Tcp),
-        ("cache-store", "nginx-1", 80, Protocol::Tcp),
-    ];
-    for (from, to, port, protocol) in probes {
-        let expected = semantics_allows(dir, &format!("{}/{from}", namespace_of(from)), &format!("{}/{to}", namespace_of(to)), *port, *protocol);
-        let target = &cluster.pod(to).ip;
-        let timeout = Duration::from_millis(800);
-        let got = match protocol {
-            Protocol::Udp => cluster.udp_echoes(from, target, *port, timeout),
-            _ => cluster.tcp_connects(from, target, *port, timeout),
-        };
-        assert_eq!(got, expected, "{stage}: {from} -> {to}:{port}/{protocol} kernel={got} semantics={expected}");
-    }
-}
 
 #[test]
 fn two_node_cluster_enforces_like_the_semantics() {

@@ -59,3 +59,11 @@ pub fn ensure_pin_dir(instance: &str, fallback_mount: &Path) -> Result<PathBuf, 
     std::fs::create_dir_all(&dir).map_err(|source| BpffsError::CreateDir { path: dir.clone(), source })?;
     Ok(dir)
 }
+
+/// The pin directory an agent for `instance` would use, if it exists (without mounting).
+pub fn existing_pin_dir(instance: &str, fallback_mount: &Path) -> Option<PathBuf> {
+    let system = Path::new("/sys/fs/bpf");
+    let root = if is_bpffs(system) { system } else { fallback_mount };
+    let dir = root.join("netsieve").join(instance);
+    (is_bpffs(root) && dir.is_dir()).then_some(dir)
+}

@@ -47,7 +47,31 @@ pub fn raise_memlock_rlimit() {
 
 /// Loads the object (creating its maps) and loads the three programs into the kernel.
 pub fn load() -> Result<Ebpf, KernelError> {
-    let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(Box::new)?;
+    load_programs(Ebpf::load(EBPF_OBJECT).map_err(Box::new)?)
+}
+
+/// The pin name of the conntrack table. It carries the layout, so an agent whose table has a
+/// different layout starts a table of its own instead of misreading the old one.
+pub fn conntrack_pin_name() -> String {
+    format!(
+        "CONNTRACK-k{}v{}n{}",
+        std::mem::size_of::<netsieve_common::ConntrackKey>(),
+        std::mem::size_of::<netsieve_common::ConntrackValue>(),
+        netsieve_common::MAX_CONNTRACK_ENTRIES
+    )
+}
+
+/// Like [`load`], but the conntrack table is the one pinned in `state_dir` if there is one
+/// (created and pinned otherwise): connections admitted before an agent restart keep their
+/// replies admitted after it. Returns whether an existing table was reused.
+pub fn load_with_state(state_dir: &std::path::Path) -> Result<(Ebpf, bool), KernelError> {
+    let pin = state_dir.join(conntrack_pin_name());
+    let reused = pin.exists();
+    let ebpf = aya::EbpfLoader::new().map_pin_path("CONNTRACK", pin).load(EBPF_OBJECT).map_err(Box::new)?;
+    Ok((load_programs(ebpf)?, reused))
+}
+
+fn load_programs(mut ebpf: Ebpf) -> Result<Ebpf, KernelError> {
     for name in [PROGRAM_FROM_POD, PROGRAM_TO_POD, PROGRAM_PASS] {
         classifier(&mut ebpf, name)?.load().map_err(|source| KernelError::Program { name, source: Box::new(source) })?;
     }
