@@ -176,29 +176,24 @@ fn render(c: &Counters, ready: bool) -> String {
     for (reason, direction, n) in &d.drops {
         let _ = writeln!(out, "netsieve_drops_total{{direction=\"{direction}\",reason=\"{reason}\"}} {n}");
     }
-    header(&mut out, "netsieve_endpoint_packets_total", "counter", "Packets judged per local endpoint.");
-    for (key, e) in &d.endpoints {
-        let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
-        let (namespace, pod) = (escape(namespace), escape(pod));
-        for (i, direction) in ["ingress", "egress"].iter().enumerate() {
-            for (verdict, n) in [("allowed", e.allowed_packets[i]), ("denied", e.denied_packets[i])] {
-                let _ = writeln!(
-                    out,
-                    "netsieve_endpoint_packets_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}} {n}"
-                );
-            }
-        }
-    }
-    header(&mut out, "netsieve_endpoint_bytes_total", "counter", "Bytes judged per local endpoint.");
-    for (key, e) in &d.endpoints {
-        let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
-        let (namespace, pod) = (escape(namespace), escape(pod));
-        for (i, direction) in ["ingress", "egress"].iter().enumerate() {
-            for (verdict, n) in [("allowed", e.allowed_bytes[i]), ("denied", e.denied_bytes[i])] {
-                let _ = writeln!(
-                    out,
-                    "netsieve_endpoint_bytes_total{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}} {n}"
-                );
+    type Pick = fn(&EndpointCounters, usize) -> (u64, u64);
+    let families: [(&str, &str, Pick); 2] = [
+        ("netsieve_endpoint_packets_total", "Packets judged per local endpoint.", |e, i| (e.allowed_packets[i], e.denied_packets[i])),
+        ("netsieve_endpoint_bytes_total", "Bytes judged per local endpoint.", |e, i| (e.allowed_bytes[i], e.denied_bytes[i])),
+    ];
+    for (name, help, pick) in families {
+        header(&mut out, name, "counter", help);
+        for (key, e) in &d.endpoints {
+            let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
+            let (namespace, pod) = (escape(namespace), escape(pod));
+            for (i, direction) in ["ingress", "egress"].iter().enumerate() {
+                let (allowed, denied) = pick(e, i);
+                for (verdict, n) in [("allowed", allowed), ("denied", denied)] {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{namespace=\"{namespace}\",pod=\"{pod}\",direction=\"{direction}\",verdict=\"{verdict}\"}} {n}"
+                    );
+                }
             }
         }
     }

@@ -131,28 +131,12 @@ impl PodInfo {
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
-        let mut ips: Vec<IpAddr> = Vec::new();
-        if let Some(status) = status {
-            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.as_str());
-            for text in status.pod_ip.as_deref().into_iter().chain(listed) {
-                if let Ok(ip) = text.parse::<IpAddr>()
-                    && !ips.contains(&ip)
-                {
-                    ips.push(ip);
-                }
-            }
-        }
-        let mut host_ips: Vec<IpAddr> = Vec::new();
-        if let Some(status) = status {
-            let listed = status.host_ips.iter().flatten().map(|p| p.ip.as_str());
-            for text in status.host_ip.as_deref().into_iter().chain(listed) {
-                if let Ok(ip) = text.parse::<IpAddr>()
-                    && !host_ips.contains(&ip)
-                {
-                    host_ips.push(ip);
-                }
-            }
-        }
+        let ips = status.map_or_else(Vec::new, |s| {
+            distinct_ips(s.pod_ip.as_deref().into_iter().chain(s.pod_ips.iter().flatten().map(|p| p.ip.as_str())))
+        });
+        let host_ips = status.map_or_else(Vec::new, |s| {
+            distinct_ips(s.host_ip.as_deref().into_iter().chain(s.host_ips.iter().flatten().map(|p| p.ip.as_str())))
+        });
         let mut named_ports = Vec::new();
         if let Some(spec) = spec {
             let containers = spec.containers.iter().chain(spec.init_containers.iter().flatten());
@@ -174,6 +158,18 @@ impl PodInfo {
             host_ips,
         }
     }
+}
+
+/// The addresses that parse, first occurrence first (the API lists the primary address both
+/// alone and in the list).
+fn distinct_ips<'a>(texts: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for ip in texts.filter_map(|t| t.parse::<IpAddr>().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
 }
 
 /// One allowed peer of a rule.
