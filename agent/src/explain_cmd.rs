@@ -1,5 +1,5 @@
-//! `netsieve explain`: whether a flow is allowed by the policies in a manifests directory,
-//! and which policy, rule, peer and port decided it.
+//! `netsieve explain`: whether a flow is allowed by the policies in a manifests directory (or
+//! of a live cluster, with `--kubeconfig`), and which policy, rule, peer and port decided it.
 use crate::manifests;
 use crate::policy::{self, ClusterState, DirectionVerdict, Exception, Flow, Protocol, Verdict};
 use serde::Serialize;
@@ -21,8 +21,12 @@ pub enum OutputFormat {
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExplainArgs {
     /// Directory of YAML/JSON manifests (Namespaces, Nodes, Pods, NetworkPolicies).
+    #[arg(long, required_unless_present = "kubeconfig", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Read the objects from the Kubernetes API instead (this kubeconfig; read access to pods,
+    /// namespaces and networkpolicies), decoded exactly as the agent decodes them.
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
     /// Source: NAMESPACE/POD or an IP address.
     #[arg(long)]
     pub from: String,
@@ -90,9 +94,13 @@ pub fn run(args: &ExplainArgs) -> u8 {
 }
 
 fn evaluate(args: &ExplainArgs) -> Result<(Vec<String>, Flow, Verdict), String> {
-    let loaded = manifests::load_dir(&args.manifests).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-    let state: ClusterState = loaded.cluster_state();
+    let (state, errors): (ClusterState, Vec<String>) = match (&args.manifests, &args.kubeconfig) {
+        (Some(dir), _) => {
+            let loaded = manifests::load_dir(dir).map_err(|e| e.to_string())?;
+            (loaded.cluster_state(), loaded.errors.iter().map(ToString::to_string).collect())
+        }
+        (None, kubeconfig) => crate::kube_source::list_cluster(kubeconfig.as_deref()).map_err(|e| e.to_string())?,
+    };
     let src = state.resolve(&args.from).map_err(|e| format!("--from: {e}"))?;
     let dst = state.resolve(&args.to).map_err(|e| format!("--to: {e}"))?;
     let flow = state.flow(src, dst, args.protocol, args.port).map_err(|e| e.to_string())?;

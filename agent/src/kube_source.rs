@@ -29,6 +29,10 @@ pub enum KubeSourceError {
     Config(String),
     #[error("creating the API client: {0}")]
     Client(#[from] kube::Error),
+    #[error("listing {resource}: {source}")]
+    List { resource: &'static str, source: kube::Error },
+    #[error("async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// A client from `--kubeconfig`, else `KUBECONFIG`/in-cluster configuration.
@@ -86,7 +90,7 @@ async fn watch_kind(client: kube::Client, kind: ObjectKind, events: UnboundedSen
                 continue;
             }
             Ok(Event::InitApply(object)) => {
-                listing.get_or_insert_with(Vec::new).push(decode(kind, object, &metrics));
+                listing.get_or_insert_with(Vec::new).push(decode(kind, object, &metrics).0);
                 continue;
             }
             Ok(Event::InitDone) => {
@@ -95,7 +99,7 @@ async fn watch_kind(client: kube::Client, kind: ObjectKind, events: UnboundedSen
                 tracing::info!(resource, objects = objects.len(), "listed");
                 ObjectEvent::Relisted(kind, objects)
             }
-            Ok(Event::Apply(object)) => ObjectEvent::Applied(decode(kind, object, &metrics)),
+            Ok(Event::Apply(object)) => ObjectEvent::Applied(decode(kind, object, &metrics).0),
             Ok(Event::Delete(object)) => {
                 let name = object.metadata.name.clone().unwrap_or_default();
                 ObjectEvent::Deleted(kind, object.metadata.namespace.clone(), name)
@@ -115,7 +119,36 @@ async fn watch_kind(client: kube::Client, kind: ObjectKind, events: UnboundedSen
     }
 }
 
-fn decode(kind: ObjectKind, object: DynamicObject, metrics: &Metrics) -> KubeObject {
+/// Lists every object once and builds the cluster state from them (`netsieve explain
+/// --kubeconfig`): the same decoding and the same rules for malformed objects as the agent.
+/// Returns the state and a warning per object that did not decode or had unknown fields.
+pub fn list_cluster(kubeconfig: Option<&Path>) -> Result<(crate::policy::ClusterState, Vec<String>), KubeSourceError> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(KubeSourceError::Runtime)?;
+    runtime.block_on(async {
+        let client = client(kubeconfig).await?;
+        let metrics = Metrics::default();
+        let mut state = crate::policy::ClusterState::default();
+        let mut warnings = Vec::new();
+        for kind in ObjectKind::ALL {
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
+            let list = api
+                .list(&kube::api::ListParams::default())
+                .await
+                .map_err(|source| KubeSourceError::List { resource: kind.resource(), source })?;
+            let mut objects = Vec::new();
+            for object in list.items {
+                let (decoded, warning) = decode(kind, object, &metrics);
+                warnings.extend(warning);
+                objects.push(decoded);
+            }
+            crate::controller::apply_event(&mut state, ObjectEvent::Relisted(kind, objects));
+        }
+        Ok((state, warnings))
+    })
+}
+
+/// Decodes one object; the second value describes what was wrong with it, if anything.
+fn decode(kind: ObjectKind, object: DynamicObject, metrics: &Metrics) -> (KubeObject, Option<String>) {
     let namespace = object.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = object.metadata.name.clone().unwrap_or_default();
     let key = match kind {
@@ -136,19 +169,21 @@ fn decode(kind: ObjectKind, object: DynamicObject, metrics: &Metrics) -> KubeObj
     });
     match decoded {
         Ok((decoded, unknown)) => {
-            if !unknown.is_empty() {
-                metrics.invalid_object(kind_name(kind), "unknown_fields");
-                if kind == ObjectKind::NetworkPolicy {
-                    tracing::warn!(object = %key, ?unknown, "unknown fields in NetworkPolicy (under spec: the policy fails closed)");
-                } else {
-                    tracing::debug!(kind = kind_name(kind), object = %key, ?unknown, "unknown fields ignored");
-                }
+            if unknown.is_empty() {
+                return (decoded, None);
             }
-            decoded
+            metrics.invalid_object(kind_name(kind), "unknown_fields");
+            if kind == ObjectKind::NetworkPolicy {
+                tracing::warn!(object = %key, ?unknown, "unknown fields in NetworkPolicy (under spec: the policy fails closed)");
+            } else {
+                tracing::debug!(kind = kind_name(kind), object = %key, ?unknown, "unknown fields ignored");
+            }
+            (decoded, Some(format!("{} {key}: unknown fields {}", kind_name(kind), unknown.join(", "))))
         }
         Err(error) => {
             metrics.invalid_object(kind_name(kind), "undecodable");
-            match kind {
+            let warning = Some(format!("{} {key} does not decode: {error}", kind_name(kind)));
+            let object = match kind {
                 ObjectKind::NetworkPolicy => {
                     tracing::error!(policy = %key, %error, "policy does not decode: pods of its namespace fail closed");
                     KubeObject::CompiledPolicy(Box::new(CompiledPolicy::undecodable(&namespace, &name, error.to_string())))
@@ -157,7 +192,8 @@ fn decode(kind: ObjectKind, object: DynamicObject, metrics: &Metrics) -> KubeObj
                     tracing::error!(kind = kind_name(kind), object = %key, %error, "object does not decode: keeping its previous version");
                     KubeObject::Unchanged(kind, key)
                 }
-            }
+            };
+            (object, warning)
         }
     }
 }
