@@ -29,7 +29,7 @@ use netsieve_common::{
     MAX_POLICY_PORT_ENTRIES, REASON_COUNT, REASON_NAMES,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -266,6 +266,8 @@ struct Agent {
     listed: BTreeSet<ObjectKind>,
     /// Events held until every kind has been listed once.
     pending: Vec<Received>,
+    /// When each unplaced bridged pod was last nudged.
+    nudged: BTreeMap<String, Instant>,
     /// Manifests mode: the directory as last loaded, and whether one load succeeded.
     last_fingerprint: Option<DirFingerprint>,
     manifests_loaded: bool,
@@ -284,6 +286,7 @@ impl Agent {
             metrics,
             listed: BTreeSet::new(),
             pending: Vec::new(),
+            nudged: BTreeMap::new(),
             last_fingerprint: None,
             manifests_loaded: false,
             last_resync: Instant::now(),
@@ -434,8 +437,37 @@ impl Agent {
         self.update_readiness(attached);
     }
 
+    /// Bridged CNIs: a local pod the node never talked to has no neighbour entry, so its
+    /// interface cannot be found. Make the kernel resolve it with an empty UDP datagram to the
+    /// discard port (ARP/ND first; the datagram itself is dropped by the pod), at most every
+    /// 2 s per pod, only for addresses on a directly attached bridge subnet.
+    fn nudge_unplaced_pods(&mut self) {
+        let waiting: Vec<String> = self.controller.compiler.waiting_for_interface().cloned().collect();
+        self.nudged.retain(|pod, _| waiting.contains(pod));
+        for key in waiting {
+            if self.nudged.get(&key).is_some_and(|at| at.elapsed() < Duration::from_secs(2)) {
+                continue;
+            }
+            let Some(pod) = self.controller.state.pods.get(&key) else { continue };
+            let targets: Vec<IpAddr> =
+                pod.ips.iter().filter(|ip| self.dataplane.interfaces.on_bridge_subnet(ip)).copied().collect();
+            if targets.is_empty() {
+                continue;
+            }
+            for ip in targets {
+                let bind: SocketAddr = if ip.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+                if let Err(error) = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (ip, 9))) {
+                    tracing::debug!(pod = %key, %ip, %error, "neighbour resolution nudge");
+                }
+            }
+            tracing::debug!(pod = %key, "asked the kernel to resolve a bridged pod's address");
+            self.nudged.insert(key, Instant::now());
+        }
+    }
+
     /// Every tick: the periodic full resync, attach retries, readiness.
     fn periodic(&mut self) {
+        self.nudge_unplaced_pods();
         let resync = Duration::from_secs(self.args.resync_interval);
         if !resync.is_zero() && self.last_resync.elapsed() >= resync {
             self.last_resync = Instant::now();
@@ -537,7 +569,7 @@ fn spawn_discovery(mut last: InterfaceIndex, metrics: Arc<Metrics>) -> mpsc::Unb
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(POLL_INTERVAL);
-            match InterfaceIndex::read() {
+            match InterfaceIndex::read_after(&last) {
                 Ok(interfaces) => {
                     if !interfaces.same_links(&last) {
                         last = interfaces.clone();
@@ -638,8 +670,14 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         let mut ticker = tokio::time::interval(POLL_INTERVAL);
         loop {
             tokio::select! {
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
+                _ = terminate.recv() => {
+                    tracing::info!("SIGTERM: stopping");
+                    break;
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("SIGINT: stopping");
+                    break;
+                }
                 Some(first) = events.recv() => {
                     let mut batch = vec![first];
                     while let Ok(more) = events.try_recv() {

@@ -131,6 +131,17 @@ impl Cluster {
     /// Builds `nodes` nodes; `pods` lists (pod name, node index). Pod k of node i gets
     /// 10.250.i.(10+k); node i gets 172.31.250.(1+i) on the wire.
     pub fn new(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
+        Cluster::build(tag, nodes, pods, false)
+    }
+
+    /// Like [`Cluster::new`], but laid out like the CNI bridge plugin (flannel's cni0): each
+    /// node has a bridge `br0` holding 10.250.i.1/24, pods' host-side veths are its ports, pods
+    /// have /24 addresses with the bridge as their gateway, and there are no per-pod routes.
+    pub fn new_bridged(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
+        Cluster::build(tag, nodes, pods, true)
+    }
+
+    fn build(tag: &str, nodes: usize, pods: &[(&str, usize)], bridged: bool) -> Result<Cluster, NetnsError> {
         cleanup_stale();
         let id = format!("{}-{tag}", std::process::id());
         let mut cluster = Cluster {
@@ -149,6 +160,11 @@ impl Cluster {
             cluster.namespaces.push(netns.clone());
             ip(Some(&netns), &["link", "set", "lo", "up"])?;
             sysctl(&netns, "net.ipv4.ip_forward=1")?;
+            if bridged {
+                ip(Some(&netns), &["link", "add", "br0", "type", "bridge"])?;
+                ip(Some(&netns), &["addr", "add", &format!("10.250.{i}.1/24"), "dev", "br0"])?;
+                ip(Some(&netns), &["link", "set", "br0", "up"])?;
+            }
             cluster.nodes.push(NodeNet {
                 name: format!("node{i}"),
                 netns,
@@ -178,15 +194,24 @@ impl Cluster {
             let host_veth = format!("h{short}{index}");
             ip(None, &["link", "add", &host_veth, "netns", &node_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
             ip(Some(&netns), &["link", "set", "lo", "up"])?;
-            ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-            ip(Some(&netns), &["link", "set", "eth0", "up"])?;
-            ip(Some(&netns), &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-            ip(Some(&netns), &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-            // The pod's gateway address lives on every host-side veth (as kindnet's ptp plugin
-            // gives the host side the gateway address), so the pod's ARP for it is answered.
-            ip(Some(&node_ns), &["addr", "add", "169.254.1.1/32", "dev", &host_veth, "scope", "link"])?;
-            ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
-            ip(Some(&node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
+            if bridged {
+                ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+                ip(Some(&netns), &["link", "set", "eth0", "up"])?;
+                ip(Some(&netns), &["route", "add", "default", "via", &format!("10.250.{node}.1"), "dev", "eth0"])?;
+                ip(Some(&node_ns), &["link", "set", &host_veth, "master", "br0"])?;
+                ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
+            } else {
+                ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+                ip(Some(&netns), &["link", "set", "eth0", "up"])?;
+                ip(Some(&netns), &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+                ip(Some(&netns), &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+                // The pod's gateway address lives on every host-side veth (as kindnet's ptp
+                // plugin gives the host side the gateway address), so the pod's ARP for it is
+                // answered.
+                ip(Some(&node_ns), &["addr", "add", "169.254.1.1/32", "dev", &host_veth, "scope", "link"])?;
+                ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
+                ip(Some(&node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
+            }
             cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, host_veth });
         }
         Ok(cluster)

@@ -7,6 +7,11 @@
 //! The tables are read with iproute2's JSON output (`ip -j`, `bridge -j`), a documented
 //! dependency of the agent: one snapshot per sync of the whole table, so the cost does not grow
 //! with polling frequency per pod. Only reads; nothing is changed.
+//!
+//! A bridged pod has a neighbour entry only once the node itself has talked to it, and the
+//! kernel may garbage-collect the entry later. So the agent asks for resolution of local pods
+//! it cannot place (see [`InterfaceIndex::on_bridge_subnet`] and the daemon's nudge), and a
+//! bridged mapping, once found, is kept while its interface exists ([`InterfaceIndex::read_after`]).
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -86,6 +91,10 @@ pub struct InterfaceIndex {
     pub links: BTreeMap<String, Interface>,
     /// Pod address -> host-side interface.
     by_ip: BTreeMap<IpAddr, Interface>,
+    /// Addresses placed through a bridge (neighbour + FDB) rather than a host route.
+    bridged: std::collections::BTreeSet<IpAddr>,
+    /// Subnets directly on a bridge (the pod networks of bridged CNIs).
+    bridge_subnets: Vec<ipnet::IpNet>,
 }
 
 impl InterfaceIndex {
@@ -105,6 +114,11 @@ impl InterfaceIndex {
             let routes: Vec<RouteJson> = run_json("ip", &["-j", family, "route", "show"])?;
             for route in routes {
                 let (Some(dev), None) = (&route.dev, &route.gateway) else { continue };
+                if bridges.contains(dev)
+                    && let Ok(subnet) = route.dst.parse::<ipnet::IpNet>()
+                {
+                    index.bridge_subnets.push(subnet);
+                }
                 let host = route.dst.strip_suffix("/32").or_else(|| route.dst.strip_suffix("/128")).unwrap_or(&route.dst);
                 let (Ok(ip), Some(interface)) = (host.parse::<IpAddr>(), index.links.get(dev)) else { continue };
                 if !bridges.contains(dev) {
@@ -123,12 +137,37 @@ impl InterfaceIndex {
                         && entry.master.as_deref() == Some(neighbour.dev.as_str())
                         && entry.ifname.as_deref().is_some_and(|n| n != neighbour.dev)
                 });
-                if let Some(interface) = port.and_then(|p| p.ifname.as_ref()).and_then(|n| index.links.get(n)) {
-                    index.by_ip.entry(ip).or_insert_with(|| interface.clone());
+                if let Some(interface) = port.and_then(|p| p.ifname.as_ref()).and_then(|n| index.links.get(n))
+                    && !index.by_ip.contains_key(&ip)
+                {
+                    index.by_ip.insert(ip, interface.clone());
+                    index.bridged.insert(ip);
                 }
             }
         }
         Ok(index)
+    }
+
+    /// Reads the tables, keeping bridged mappings of `previous` whose interface still exists
+    /// (same name and ifindex) and that nothing newer overrides: a neighbour entry that the
+    /// kernel garbage-collected must not make an enforced pod look gone.
+    pub fn read_after(previous: &InterfaceIndex) -> Result<InterfaceIndex, DiscoveryError> {
+        let mut index = InterfaceIndex::read()?;
+        for ip in &previous.bridged {
+            let Some(interface) = previous.by_ip.get(ip) else { continue };
+            if index.by_ip.contains_key(ip) || index.links.get(&interface.name) != Some(interface) {
+                continue;
+            }
+            index.by_ip.insert(*ip, interface.clone());
+            index.bridged.insert(*ip);
+        }
+        Ok(index)
+    }
+
+    /// Whether `ip` is on a bridged pod network of this node (where a neighbour entry, hence
+    /// the pod's interface, appears once the node resolves the address).
+    pub fn on_bridge_subnet(&self, ip: &IpAddr) -> bool {
+        self.bridge_subnets.iter().any(|net| net.contains(ip))
     }
 
     /// The host-side interface of the first of `ips` that has one.
