@@ -79,6 +79,8 @@ pub struct PodNet {
     pub netns: String,
     pub node: usize,
     pub ip: String,
+    /// IPv6 address, on dual-stack clusters.
+    pub ip6: Option<String>,
     /// Host-side veth, in the node's namespace.
     pub host_veth: String,
 }
@@ -131,17 +133,24 @@ impl Cluster {
     /// Builds `nodes` nodes; `pods` lists (pod name, node index). Pod k of node i gets
     /// 10.250.i.(10+k); node i gets 172.31.250.(1+i) on the wire.
     pub fn new(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
-        Cluster::build(tag, nodes, pods, false)
+        Cluster::build(tag, nodes, pods, false, false)
     }
 
     /// Like [`Cluster::new`], but laid out like the CNI bridge plugin (flannel's cni0): each
     /// node has a bridge `br0` holding 10.250.i.1/24, pods' host-side veths are its ports, pods
     /// have /24 addresses with the bridge as their gateway, and there are no per-pod routes.
     pub fn new_bridged(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
-        Cluster::build(tag, nodes, pods, true)
+        Cluster::build(tag, nodes, pods, true, false)
     }
 
-    fn build(tag: &str, nodes: usize, pods: &[(&str, usize)], bridged: bool) -> Result<Cluster, NetnsError> {
+    /// Like [`Cluster::new`], dual-stack: pod k of node i also gets fd00:250:i::(10+k)/128
+    /// (gateway fe80::1 on the host-side veth), nodes fd00:31:250::(1+i) on the wire. Duplicate
+    /// address detection is off in every namespace, so addresses are usable at once.
+    pub fn new_dual_stack(tag: &str, nodes: usize, pods: &[(&str, usize)]) -> Result<Cluster, NetnsError> {
+        Cluster::build(tag, nodes, pods, false, true)
+    }
+
+    fn build(tag: &str, nodes: usize, pods: &[(&str, usize)], bridged: bool, v6: bool) -> Result<Cluster, NetnsError> {
         cleanup_stale();
         let id = format!("{}-{tag}", std::process::id());
         let mut cluster = Cluster {
@@ -160,6 +169,11 @@ impl Cluster {
             cluster.namespaces.push(netns.clone());
             ip(Some(&netns), &["link", "set", "lo", "up"])?;
             sysctl(&netns, "net.ipv4.ip_forward=1")?;
+            if v6 {
+                sysctl(&netns, "net.ipv6.conf.all.forwarding=1")?;
+                sysctl(&netns, "net.ipv6.conf.all.accept_dad=0")?;
+                sysctl(&netns, "net.ipv6.conf.default.accept_dad=0")?;
+            }
             if bridged {
                 ip(Some(&netns), &["link", "add", "br0", "type", "bridge"])?;
                 ip(Some(&netns), &["addr", "add", &format!("10.250.{i}.1/24"), "dev", "br0"])?;
@@ -178,9 +192,16 @@ impl Cluster {
             ip(None, &["link", "add", &wa, "netns", a, "type", "veth", "peer", "name", &wb, "netns", b])?;
             for (ns, link, node) in [(a, &wa, 0usize), (b, &wb, 1usize)] {
                 ip(Some(ns), &["addr", "add", &format!("{}/24", cluster.nodes[node].ip), "dev", link])?;
+                if v6 {
+                    ip(Some(ns), &["-6", "addr", "add", &format!("fd00:31:250::{}/64", 1 + node), "dev", link, "nodad"])?;
+                }
                 ip(Some(ns), &["link", "set", link, "up"])?;
                 let other = &cluster.nodes[1 - node];
                 ip(Some(ns), &["route", "add", &other.pod_cidr, "via", &other.ip])?;
+                if v6 {
+                    let (subnet, via) = (format!("fd00:250:{}::/64", 1 - node), format!("fd00:31:250::{}", 2 - node));
+                    ip(Some(ns), &["-6", "route", "add", &subnet, "via", &via])?;
+                }
             }
         }
         let mut per_node = vec![0usize; nodes];
@@ -189,6 +210,11 @@ impl Cluster {
             let netns = format!("{PREFIX}-{id}-p{index}");
             ip(None, &["netns", "add", &netns])?;
             cluster.namespaces.push(netns.clone());
+            if v6 {
+                sysctl(&netns, "net.ipv6.conf.all.accept_dad=0")?;
+                sysctl(&netns, "net.ipv6.conf.default.accept_dad=0")?;
+            }
+            let pod_ip6 = v6.then(|| format!("fd00:250:{node}::{:x}", 10 + per_node[*node]));
             let pod_ip = format!("10.250.{node}.{}", 10 + per_node[*node]);
             per_node[*node] += 1;
             let host_veth = format!("h{short}{index}");
@@ -211,8 +237,14 @@ impl Cluster {
                 ip(Some(&node_ns), &["addr", "add", "169.254.1.1/32", "dev", &host_veth, "scope", "link"])?;
                 ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
                 ip(Some(&node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
+                if let Some(ip6) = &pod_ip6 {
+                    ip(Some(&netns), &["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+                    ip(Some(&netns), &["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+                    ip(Some(&node_ns), &["-6", "addr", "add", "fe80::1/64", "dev", &host_veth, "nodad"])?;
+                    ip(Some(&node_ns), &["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_veth])?;
+                }
             }
-            cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, host_veth });
+            cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, ip6: pod_ip6, host_veth });
         }
         Ok(cluster)
     }
@@ -224,9 +256,18 @@ impl Cluster {
         }
     }
 
+    /// Where a pod's servers listen: its address, or every address (both families) on a
+    /// dual-stack pod.
+    fn server_addr(&self, pod: &str, port: u16) -> String {
+        match &self.pod(pod).ip6 {
+            Some(_) => format!("[::]:{port}"),
+            None => format!("{}:{port}", self.pod(pod).ip),
+        }
+    }
+
     /// A TCP server in the pod that answers every connection with "ok".
     pub fn serve_tcp(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
-        let (netns, addr) = (self.pod(pod).netns.clone(), format!("{}:{port}", self.pod(pod).ip));
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
         let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(&netns, move || {
@@ -253,7 +294,7 @@ impl Cluster {
 
     /// A UDP server in the pod that echoes every datagram.
     pub fn serve_udp_echo(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
-        let (netns, addr) = (self.pod(pod).netns.clone(), format!("{}:{port}", self.pod(pod).ip));
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
         let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(&netns, move || {
@@ -292,7 +333,8 @@ impl Cluster {
     /// Whether a TCP connection from `from` to `to_ip:port` completes and returns "ok" within
     /// `timeout`.
     pub fn tcp_connects(&self, from: &str, to_ip: &str, port: u16, timeout: Duration) -> bool {
-        let Ok(addr) = format!("{to_ip}:{port}").parse::<SocketAddr>() else { return false };
+        let Ok(ip) = to_ip.parse::<std::net::IpAddr>() else { return false };
+        let addr = SocketAddr::new(ip, port);
         let probe = in_netns(&self.pod(from).netns, move || {
             let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else { return false };
             let _ = stream.set_read_timeout(Some(timeout));
@@ -304,9 +346,11 @@ impl Cluster {
 
     /// Whether a UDP datagram from `from` to `to_ip:port` is echoed back within `timeout`.
     pub fn udp_echoes(&self, from: &str, to_ip: &str, port: u16, timeout: Duration) -> bool {
-        let Ok(addr) = format!("{to_ip}:{port}").parse::<SocketAddr>() else { return false };
+        let Ok(ip) = to_ip.parse::<std::net::IpAddr>() else { return false };
+        let addr = SocketAddr::new(ip, port);
         let probe = in_netns(&self.pod(from).netns, move || {
-            let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else { return false };
+            let local = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let Ok(socket) = UdpSocket::bind(local) else { return false };
             let _ = socket.set_read_timeout(Some(timeout));
             if socket.send_to(b"ping", addr).is_err() {
                 return false;

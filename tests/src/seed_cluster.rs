@@ -65,8 +65,12 @@ pub fn pods_manifest(cluster: &Cluster, relabel: Option<(&str, &str)>) -> String
             _ => labels,
         };
         let ip = &cluster.pod(name).ip;
+        let ips = match &cluster.pod(name).ip6 {
+            Some(ip6) => format!("[{{ip: {ip}}}, {{ip: '{ip6}'}}]"),
+            None => format!("[{{ip: {ip}}}]"),
+        };
         text.push_str(&format!(
-            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\n  spec: {{nodeName: node{node}, containers: [{{name: c, image: x}}]}}\n  status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n"
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\n  spec: {{nodeName: node{node}, containers: [{{name: c, image: x}}]}}\n  status: {{phase: Running, podIP: {ip}, podIPs: {ips}}}\n"
         ));
     }
     text
