@@ -183,23 +183,8 @@ impl Controller {
         received: Instant,
         interface_of: &dyn Fn(&PodInfo) -> Option<u32>,
     ) -> Result<SyncReport, SyncError> {
-        let mut changes = Vec::new();
-        for event in events {
-            for change in apply_event(&mut self.state, event) {
-                match &change {
-                    ClusterChange::Policy { new: Some(policy), .. } if !policy.errors.is_empty() => {
-                        self.metrics.invalid_object("NetworkPolicy", "invalid_policy");
-                    }
-                    ClusterChange::Pod { new: Some(pod), .. } if !pod.host_network && pod.ips.is_empty() => {
-                        // Normal while a pod starts; it is enforced once it has an address.
-                        self.metrics.invalid_object("Pod", "without_ip");
-                        tracing::info!(pod = %pod.key(), node = ?pod.node, "pod has no IP address yet: not a peer, not enforced");
-                    }
-                    _ => {}
-                }
-                changes.push(change);
-            }
-        }
+        let changes: Vec<ClusterChange> = events.into_iter().flat_map(|event| apply_event(&mut self.state, event)).collect();
+        self.record_problems(&changes);
         let dirty = self.compiler.apply(&self.state, &changes, interface_of);
         self.program(maps, dirty, received)
     }
@@ -213,12 +198,27 @@ impl Controller {
         interface_of: &dyn Fn(&PodInfo) -> Option<u32>,
     ) -> Result<SyncReport, SyncError> {
         let changes = replace_state(&mut self.state, target);
-        let invalid = changes.iter().filter(|c| matches!(c, ClusterChange::Policy { new: Some(p), .. } if !p.errors.is_empty()));
-        for _ in invalid {
-            self.metrics.invalid_object("NetworkPolicy", "invalid_policy");
-        }
+        self.record_problems(&changes);
         let dirty = self.compiler.apply(&self.state, &changes, interface_of);
         self.program(maps, dirty, received)
+    }
+
+    /// Counts (and logs) what the changes bring in that will not be enforced as written:
+    /// invalid policies (fail closed) and pods without an address.
+    fn record_problems(&self, changes: &[ClusterChange]) {
+        for change in changes {
+            match change {
+                ClusterChange::Policy { new: Some(policy), .. } if !policy.errors.is_empty() => {
+                    self.metrics.invalid_object("NetworkPolicy", "invalid_policy");
+                }
+                ClusterChange::Pod { new: Some(pod), .. } if !pod.host_network && pod.ips.is_empty() => {
+                    // Normal while a pod starts; it is enforced once it has an address.
+                    self.metrics.invalid_object("Pod", "without_ip");
+                    tracing::info!(pod = %pod.key(), node = ?pod.node, "pod has no IP address yet: not a peer, not enforced");
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Interfaces appeared, went or moved.

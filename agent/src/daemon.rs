@@ -24,10 +24,7 @@ use crate::manifests;
 use crate::metrics::{DataplaneSnapshot, EndpointCounters, Metrics};
 use crate::policy::PodInfo;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use netsieve_common::{
-    EndpointStats, MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES,
-    MAX_POLICY_PORT_ENTRIES, REASON_COUNT, REASON_NAMES,
-};
+use netsieve_common::{EndpointStats, MAX_ENDPOINTS, REASON_COUNT, REASON_NAMES};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -257,6 +254,8 @@ impl Dataplane {
     }
 }
 
+type StepResult = Result<crate::dataplane::sync::SyncReport, SyncError>;
+
 struct Agent {
     args: AgentArgs,
     dataplane: Dataplane,
@@ -293,7 +292,7 @@ impl Agent {
         })
     }
 
-    fn record(&self, result: Result<crate::dataplane::sync::SyncReport, SyncError>) {
+    fn record(&self, result: StepResult) {
         match result {
             Ok(report) => {
                 if report != Default::default() {
@@ -313,6 +312,23 @@ impl Agent {
                 tracing::error!(%error, "programming failed; the next change retries with a full comparison");
             }
         }
+    }
+
+    /// Runs one controller step against the kernel maps, with the current interface table.
+    fn run_step(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> StepResult {
+        let dp = &mut self.dataplane;
+        let interface_of = Dataplane::interface_of(&dp.interfaces);
+        step(&mut self.controller, &mut dp.maps, &interface_of)
+    }
+
+    /// A step that may change the endpoints: runs and records it, then detaches and attaches
+    /// to match. Returns (the step succeeded, every programmed endpoint is attached).
+    fn reconcile(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> (bool, bool) {
+        let result = self.run_step(step);
+        let succeeded = result.is_ok();
+        self.record(result);
+        self.detach_unwanted();
+        (succeeded, self.attach_programmed())
     }
 
     /// Detaches from interfaces that no longer hold a programmed endpoint, before any new
@@ -345,8 +361,9 @@ impl Agent {
                 Ok(()) => tracing::info!(%pod, interface = %name, "enforcing"),
                 Err(error) => {
                     all = false;
-                    self.metrics.reconcile_error(AgentError::from(error).metric_label());
-                    tracing::error!(%pod, interface = %name, "cannot attach; pod not enforced yet, will retry");
+                    let error = AgentError::from(error);
+                    self.metrics.reconcile_error(error.metric_label());
+                    tracing::error!(%pod, interface = %name, %error, "cannot attach; pod not enforced yet, will retry");
                 }
             }
         }
@@ -368,14 +385,7 @@ impl Agent {
         let batch = std::mem::take(&mut self.pending);
         let Some(received) = batch.first().map(|(_, at)| *at) else { return };
         let events: Vec<ObjectEvent> = batch.into_iter().map(|(event, _)| event).collect();
-        let result = {
-            let dp = &mut self.dataplane;
-            let interface_of = Dataplane::interface_of(&dp.interfaces);
-            self.controller.apply_events(&mut dp.maps, events, received, &interface_of)
-        };
-        self.record(result);
-        self.detach_unwanted();
-        self.attach_programmed();
+        self.reconcile(|controller, maps, interface_of| controller.apply_events(maps, events, received, interface_of));
     }
 
     /// Manifests mode: reload the directory if it changed.
@@ -410,15 +420,9 @@ impl Agent {
             }
             return;
         }
-        let result = {
-            let dp = &mut self.dataplane;
-            let interface_of = Dataplane::interface_of(&dp.interfaces);
-            self.controller.replace(&mut dp.maps, loaded.cluster_state(), received, &interface_of)
-        };
-        self.manifests_loaded |= result.is_ok();
-        self.record(result);
-        self.detach_unwanted();
-        self.attach_programmed();
+        let (succeeded, _) =
+            self.reconcile(|controller, maps, interface_of| controller.replace(maps, loaded.cluster_state(), received, interface_of));
+        self.manifests_loaded |= succeeded;
     }
 
     /// Interfaces appeared, went or moved (reported by the discovery thread): reprogram the
@@ -426,14 +430,8 @@ impl Agent {
     fn apply_interfaces(&mut self, interfaces: InterfaceIndex) {
         let received = Instant::now();
         self.dataplane.interfaces = interfaces;
-        let result = {
-            let dp = &mut self.dataplane;
-            let interface_of = Dataplane::interface_of(&dp.interfaces);
-            self.controller.refresh_interfaces(&mut dp.maps, received, &interface_of)
-        };
-        self.record(result);
-        self.detach_unwanted();
-        let attached = self.attach_programmed();
+        let (_, attached) =
+            self.reconcile(|controller, maps, interface_of| controller.refresh_interfaces(maps, received, interface_of));
         self.update_readiness(attached);
     }
 
@@ -471,11 +469,7 @@ impl Agent {
         let resync = Duration::from_secs(self.args.resync_interval);
         if !resync.is_zero() && self.last_resync.elapsed() >= resync {
             self.last_resync = Instant::now();
-            let result = {
-                let dp = &mut self.dataplane;
-                let interface_of = Dataplane::interface_of(&dp.interfaces);
-                self.controller.full_resync(&mut dp.maps, &interface_of)
-            };
+            let result = self.run_step(|controller, maps, interface_of| controller.full_resync(maps, interface_of));
             if let Ok(report) = &result
                 && *report != Default::default()
             {
@@ -515,10 +509,10 @@ impl Agent {
         let capacity = self.controller.sync.capacity();
         let mut maps = BTreeMap::new();
         maps.insert("ENDPOINTS", (live.len(), MAX_ENDPOINTS as usize));
-        maps.insert("IPCACHE", (self.controller.sync.ipcache_len(), capacity.ipcache.min(MAX_IPCACHE_ENTRIES as usize)));
-        maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity.min(MAX_POLICY_IDENTITY_ENTRIES as usize)));
-        maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr.min(MAX_POLICY_CIDR_ENTRIES as usize)));
-        maps.insert("POLICY_PORT", (counts.port, capacity.port.min(MAX_POLICY_PORT_ENTRIES as usize)));
+        maps.insert("IPCACHE", (self.controller.sync.ipcache_len(), capacity.ipcache));
+        maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity));
+        maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr));
+        maps.insert("POLICY_PORT", (counts.port, capacity.port));
         let state = &self.controller.state;
         DataplaneSnapshot {
             drops: read_drop_counters(&self.dataplane.drops),

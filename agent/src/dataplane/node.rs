@@ -89,16 +89,6 @@ impl IdentityAllocator {
         self.by_label_set.retain(|_, (_, count)| *count > 0);
     }
 
-    /// Forgets label sets no selectable pod has any more.
-    pub fn retain_used(&mut self, state: &ClusterState) {
-        self.recount(state);
-    }
-
-    /// Live identities: (label set, identity).
-    pub fn live(&self) -> impl Iterator<Item = (&LabelSet, u32)> {
-        self.by_label_set.iter().filter(|(_, (_, count))| *count > 0).map(|(k, (id, _))| (k, *id))
-    }
-
     /// Live identities of one namespace (label sets are ordered by namespace first).
     pub fn live_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = (&'a LabelSet, u32)> + 'a {
         self.by_label_set
@@ -384,14 +374,15 @@ impl NodeCompiler {
     /// Re-reads the interface of every local pod; recompiles those whose interface changed.
     pub fn refresh_interfaces(&mut self, state: &ClusterState, interface_of: &dyn Fn(&PodInfo) -> Option<u32>) -> Dirty {
         let mut dirty = Dirty::default();
-        let changed: Vec<String> = self
+        let changed: Vec<(String, Option<u32>)> = self
             .local
             .iter()
-            .filter(|(key, current)| state.pods.get(*key).map(interface_of) != Some(**current))
-            .map(|(k, _)| k.clone())
+            .filter_map(|(key, current)| {
+                let now = state.pods.get(key).and_then(interface_of);
+                (now != *current).then(|| (key.clone(), now))
+            })
             .collect();
-        for key in changed {
-            let interface = state.pods.get(&key).and_then(interface_of);
+        for (key, interface) in changed {
             self.local.insert(key.clone(), interface);
             self.recompile_endpoint(state, &key, &mut dirty);
         }
