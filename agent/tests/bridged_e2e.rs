@@ -6,7 +6,7 @@
 mod common;
 use common::check_matrix;
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{Agents, layout, remove_mount_root, write_manifests};
+use netsieve_tests::seed_cluster::{serve_seed, Agents, layout, remove_mount_root, write_manifests};
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,9 +14,7 @@ use std::time::Duration;
 fn bridged_cluster_enforces_like_the_semantics() {
     let mut cluster = Cluster::new_bridged("bridge", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
-    cluster.serve_tcp("nginx-1", 80).expect("server");
-    cluster.serve_udp_echo("nginx-1", 5353).expect("server");
-    cluster.serve_tcp("cache-store", 6379).expect("server");
+    serve_seed(&mut cluster).expect("servers");
     let nginx = cluster.pod("nginx-1").ip.clone();
     let t = Duration::from_secs(2);
     assert!(cluster.tcp_connects("interactivetest", &nginx, 80, t), "same-node TCP through the bridge");

@@ -3,32 +3,19 @@
 //! module: IPv6 discovery, identities of IPv6 addresses, ND passing through the programs, and
 //! IPv6 verdicts on real traffic. Needs root; touches nothing outside its namespaces.
 mod common;
-use common::semantics_allows;
-use netsieve::policy::Protocol;
+use common::{SEED_PROBES, allowed, send_probe};
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{Agents, layout, namespace_of, remove_mount_root, write_manifests};
+use netsieve_tests::seed_cluster::{serve_seed, Agents, layout, remove_mount_root, write_manifests};
 use std::path::Path;
 use std::time::Duration;
 
-const PROBES: &[(&str, &str, u16, Protocol)] = &[
-    ("interactivetest", "nginx-1", 80, Protocol::Tcp),
-    ("nice-client", "nginx-1", 80, Protocol::Tcp),
-    ("nice-client", "nginx-1", 5353, Protocol::Udp),
-    ("build-code", "cache-store", 6379, Protocol::Tcp),
-    ("internal-proxy", "cache-store", 6379, Protocol::Tcp),
-    ("cache-store", "nginx-1", 80, Protocol::Tcp),
-];
-
 fn check_both_families(cluster: &Cluster, dir: &Path, stage: &str) {
-    for (from, to, port, protocol) in PROBES {
+    let state = netsieve::manifests::load_dir(dir).expect("manifests").cluster_state();
+    for (from, to, port, protocol) in SEED_PROBES {
         let target = cluster.pod(to);
         for ip in [Some(&target.ip), target.ip6.as_ref()].into_iter().flatten() {
-            let expected = semantics_allows(dir, &format!("{}/{from}", namespace_of(from)), ip, *port, *protocol);
-            let timeout = Duration::from_millis(800);
-            let got = match protocol {
-                Protocol::Udp => cluster.udp_echoes(from, ip, *port, timeout),
-                _ => cluster.tcp_connects(from, ip, *port, timeout),
-            };
+            let expected = allowed(&state, from, ip, *port, *protocol);
+            let got = send_probe(cluster, from, ip, *port, *protocol, Duration::from_millis(800));
             assert_eq!(got, expected, "{stage}: {from} -> {to} [{ip}]:{port}/{protocol} kernel={got} semantics={expected}");
         }
     }
@@ -38,9 +25,7 @@ fn check_both_families(cluster: &Cluster, dir: &Path, stage: &str) {
 fn dual_stack_cluster_enforces_both_families() {
     let mut cluster = Cluster::new_dual_stack("dual", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
-    cluster.serve_tcp("nginx-1", 80).expect("server");
-    cluster.serve_udp_echo("nginx-1", 5353).expect("server");
-    cluster.serve_tcp("cache-store", 6379).expect("server");
+    serve_seed(&mut cluster).expect("servers");
     let nginx6 = cluster.pod("nginx-1").ip6.clone().expect("dual-stack pod");
     let t = Duration::from_secs(2);
     assert!(cluster.tcp_connects("interactivetest", &nginx6, 80, t), "same-node TCP over IPv6");

@@ -8,10 +8,12 @@
 //! outside the namespaces it creates.
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use netsieve::policy::{ClusterState, CompiledPolicy, Protocol, decode_object, explain};
+mod common;
+use common::{SEED_PROBES, allowed, probe_pod};
+use netsieve::policy::{ClusterState, CompiledPolicy, Protocol, decode_object};
 use netsieve_tests::fake_apiserver::{FakeApiServer, Resource};
 use netsieve_tests::netns::{Cluster, eventually, in_netns, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{ACCESS_NGINX, Agents, CACHE_STORE, PODS, layout, namespace_of, remove_mount_root};
+use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, CACHE_STORE, PODS, layout, remove_mount_root};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -66,44 +68,20 @@ fn oracle(api: &FakeApiServer, policies: &[&str]) -> ClusterState {
     state
 }
 
-const PROBES: &[(&str, &str, u16, Protocol)] = &[
-    ("interactivetest", "nginx-1", 80, Protocol::Tcp),
-    ("nice-client", "nginx-1", 80, Protocol::Tcp),
-    ("nice-client", "nginx-1", 5353, Protocol::Udp),
-    ("build-code", "cache-store", 6379, Protocol::Tcp),
-    ("internal-proxy", "cache-store", 6379, Protocol::Tcp),
-    ("nice-client", "cache-store", 6379, Protocol::Tcp),
-    ("cache-store", "nginx-1", 80, Protocol::Tcp),
-];
-
-fn expected(state: &ClusterState, from: &str, to: &str, port: u16, protocol: Protocol) -> bool {
-    let src = state.resolve(&format!("{}/{from}", namespace_of(from))).expect("from");
-    let dst = state.resolve(&format!("{}/{to}", namespace_of(to))).expect("to");
-    explain(state, &state.flow(src, dst, protocol, port).expect("flow")).allowed
-}
-
-fn probe(cluster: &Cluster, from: &str, to: &str, port: u16, protocol: Protocol, timeout: Duration) -> bool {
-    let target = &cluster.pod(to).ip;
-    match protocol {
-        Protocol::Udp => cluster.udp_echoes(from, target, port, timeout),
-        _ => cluster.tcp_connects(from, target, port, timeout),
-    }
-}
-
 /// Every probe agrees with the semantics module, allowing `settle` for the agents to converge.
 fn check(cluster: &Cluster, api: &FakeApiServer, policies: &[&str], stage: &str, settle: Duration) {
     let state = oracle(api, policies);
-    let want: Vec<bool> = PROBES.iter().map(|(f, t, p, pr)| expected(&state, f, t, *p, *pr)).collect();
+    let want: Vec<bool> = SEED_PROBES.iter().map(|(f, t, p, pr)| allowed(&state, f, t, *p, *pr)).collect();
     let started = Instant::now();
     let converged = eventually(settle, || {
-        PROBES.iter().zip(&want).all(|((f, t, p, pr), w)| probe(cluster, f, t, *p, *pr, Duration::from_millis(300)) == *w)
+        SEED_PROBES.iter().zip(&want).all(|((f, t, p, pr), w)| probe_pod(cluster, f, t, *p, *pr, Duration::from_millis(300)) == *w)
     });
     // Re-probe with a generous timeout for a precise message and to rule out flakiness.
-    for ((from, to, port, protocol), want) in PROBES.iter().zip(&want) {
-        let got = probe(cluster, from, to, *port, *protocol, Duration::from_millis(800));
+    for ((from, to, port, protocol), want) in SEED_PROBES.iter().zip(&want) {
+        let got = probe_pod(cluster, from, to, *port, *protocol, Duration::from_millis(800));
         assert_eq!(got, *want, "{stage}: {from} -> {to}:{port}/{protocol} kernel={got} semantics={want} (converged={converged})");
     }
-    eprintln!("{stage}: {} probes agree after {:?}", PROBES.len(), started.elapsed());
+    eprintln!("{stage}: {} probes agree after {:?}", SEED_PROBES.len(), started.elapsed());
 }
 
 fn http_get(cluster: &Cluster, node: usize, path: &str) -> Option<(u16, String)> {
@@ -157,9 +135,7 @@ fn metric(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
 fn agents_follow_the_api_server() {
     let mut cluster = Cluster::new("kube", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
-    cluster.serve_tcp("nginx-1", 80).expect("server");
-    cluster.serve_udp_echo("nginx-1", 5353).expect("server");
-    cluster.serve_tcp("cache-store", 6379).expect("server");
+    serve_seed(&mut cluster).expect("servers");
 
     // The API server listens on each node's loopback, where that node's agent finds it.
     let listeners: Vec<std::net::TcpListener> = cluster
@@ -227,7 +203,7 @@ fn agents_follow_the_api_server() {
     assert_eq!(metric(&samples, "netsieve_ready"), 1.0);
     let denied_before = metric(&samples, "netsieve_drops_total{direction=\"ingress\",reason=\"policy_denied\"}");
     for _ in 0..3 {
-        assert!(!probe(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(300)));
+        assert!(!probe_pod(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(300)));
     }
     assert!(eventually(Duration::from_secs(3), || {
         let samples = parse_metrics(&http_get(&cluster, 0, "/metrics").map(|r| r.1).unwrap_or_default());
@@ -282,8 +258,8 @@ fn agents_follow_the_api_server() {
     // (podSelector is a number) selects all of its namespace and cuts interactivetest ->
     // nginx-1. An invalid selector operator with unknown fields also fails closed; a pod
     // without IP is harmless.
-    assert!(probe(&cluster, "nice-client", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(1)));
-    assert!(probe(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(1)));
+    assert!(probe_pod(&cluster, "nice-client", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(1)));
+    assert!(probe_pod(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(1)));
     api.apply(yaml("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad-cidr, namespace: default}\n\
         spec:\n  podSelector: {matchLabels: {iamnice: 'yeah'}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/33}\n"));
     api.apply(yaml("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad-operator, namespace: default}\n\
@@ -293,8 +269,8 @@ fn agents_follow_the_api_server() {
                      "spec": {"nodeName": "node0", "containers": [{"name": "c", "image": "x"}]}, "status": {"phase": "Pending"}, "surprise": true}));
     policies.extend(["default/bad-cidr", "default/bad-operator", "default/undecodable"]);
     check(&cluster, &api, &policies, "malformed objects", Duration::from_secs(3));
-    assert!(!probe(&cluster, "nice-client", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(500)), "bad CIDR must fail closed");
-    assert!(!probe(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(500)), "undecodable policy must fail closed");
+    assert!(!probe_pod(&cluster, "nice-client", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(500)), "bad CIDR must fail closed");
+    assert!(!probe_pod(&cluster, "interactivetest", "nginx-1", 80, Protocol::Tcp, Duration::from_millis(500)), "undecodable policy must fail closed");
 
     let samples = parse_metrics(&http_get(&cluster, 0, "/metrics").expect("scrape").1);
     assert!(metric(&samples, "netsieve_invalid_objects_total{kind=\"NetworkPolicy\",reason=\"invalid_policy\"}") >= 2.0);
@@ -322,7 +298,7 @@ fn agents_follow_the_api_server() {
         assert!(*success, "agent did not exit cleanly:\n{stderr}");
         assert!(stderr.contains("source: Kubernetes API"), "{stderr}");
     }
-    assert!(probe(&cluster, "cache-store", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(2)), "programs detached on SIGTERM");
+    assert!(probe_pod(&cluster, "cache-store", "nginx-1", 80, Protocol::Tcp, Duration::from_secs(2)), "programs detached on SIGTERM");
     drop(api);
     let _ = std::fs::remove_dir_all(&dir);
     remove_mount_root(&cluster);

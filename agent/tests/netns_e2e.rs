@@ -6,7 +6,7 @@
 mod common;
 use common::check_matrix;
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{
+use netsieve_tests::seed_cluster::{serve_seed, 
     ACCESS_NGINX, Agents, layout, pods_manifest, remove_mount_root, write_atomically, write_manifests,
 };
 use std::path::{Path, PathBuf};
@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 fn two_node_cluster_enforces_like_the_semantics() {
     let mut cluster = Cluster::new("e2e", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
-    cluster.serve_tcp("nginx-1", 80).expect("server");
-    cluster.serve_udp_echo("nginx-1", 5353).expect("server");
-    cluster.serve_tcp("cache-store", 6379).expect("server");
+    serve_seed(&mut cluster).expect("servers");
 
     // Plain connectivity first: without agents everything flows, same node and across nodes.
     let t = Duration::from_secs(2);

@@ -12,7 +12,7 @@
 mod common;
 use common::check_matrix;
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{ACCESS_NGINX, Agents, layout, mount_root, remove_mount_root, write_atomically, write_manifests};
+use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, layout, mount_root, remove_mount_root, write_atomically, write_manifests};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -49,9 +49,7 @@ fn link_pins(path: &Path, node: &str) -> usize {
 fn enforcement_survives_agent_restarts() {
     let mut cluster = Cluster::new("restart", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
-    cluster.serve_tcp("nginx-1", 80).expect("server");
-    cluster.serve_udp_echo("nginx-1", 5353).expect("server");
-    cluster.serve_tcp("cache-store", 6379).expect("server");
+    serve_seed(&mut cluster).expect("servers");
     let bpffs: Vec<PathBuf> =
         cluster.nodes.iter().map(|n| PathBuf::from(format!("{}/bpffs-{}", mount_root(&cluster), n.name))).collect();
     let mounts = BpffsMounts::mount(bpffs.clone());

@@ -45,6 +45,14 @@ pub const NAMESPACES: &str = "apiVersion: v1\nkind: List\nitems:\n\
     - {apiVersion: v1, kind: Namespace, metadata: {name: default}}\n\
     - {apiVersion: v1, kind: Namespace, metadata: {name: secure-middleware}}\n";
 
+/// The servers the probe matrix targets: nginx-1 on 80/TCP and 5353/UDP (echo), the cache on
+/// 6379/TCP.
+pub fn serve_seed(cluster: &mut Cluster) -> Result<(), crate::netns::NetnsError> {
+    cluster.serve_tcp("nginx-1", 80)?;
+    cluster.serve_udp_echo("nginx-1", 5353)?;
+    cluster.serve_tcp("cache-store", 6379)
+}
+
 /// The (pod, node) layout to build the [`Cluster`] with.
 pub fn layout() -> Vec<(&'static str, usize)> {
     PODS.iter().map(|p| (p.0, p.2)).collect()
