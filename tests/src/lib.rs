@@ -2,3 +2,4 @@
 pub mod netns;
 pub mod seed_cluster;
 pub mod fake_apiserver;
+pub mod conformance;
