@@ -11,6 +11,8 @@ pub mod check;
 pub mod format;
 pub mod model;
 pub mod reachability;
+#[cfg(test)]
+mod tests;
 
 use format::{CaseFile, Probe, Protocol, Step, Suite};
 use std::collections::BTreeMap;
