@@ -1,4 +1,6 @@
-//! Test harnesses: clusters of network namespaces for end-to-end tests of the agent.
-pub mod netns;
-pub mod seed_cluster;
+//! Test support: clusters of network namespaces and a fake API server for end-to-end tests of
+//! the agent, and seeded random clusters for differential tests and benchmarks.
 pub mod fake_apiserver;
+pub mod netns;
+pub mod scenario;
+pub mod seed_cluster;
