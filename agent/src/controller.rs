@@ -273,7 +273,7 @@ impl Controller {
 mod tests {
     use super::*;
     use crate::dataplane::sync::ModelMaps;
-    use crate::scenario::{Scenario, ScenarioParams};
+    use netsieve_tests::scenario::{Scenario, ScenarioParams};
 
     fn objects(s: &Scenario) -> Vec<ObjectEvent> {
         vec![

@@ -18,4 +18,3 @@ pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
 pub mod policy;
-pub mod scenario;

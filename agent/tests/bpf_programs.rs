@@ -12,7 +12,7 @@ use netsieve::dataplane::packet::{Fragment, L4, PacketSpec, TCP_ACK, TCP_SYN, ar
 use netsieve::dataplane::sync::{Capacity, EndpointProgram, NodeProgram, PolicyMaps, Synchronizer};
 use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier};
 use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, Protocol, evaluate_direction};
-use netsieve::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
+use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
     EndpointStats, IpcacheValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN,
     REASON_MALFORMED, REASON_NO_ENDPOINT, REASON_POLICY_DENIED,

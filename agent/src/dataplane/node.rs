@@ -633,7 +633,7 @@ pub fn compile_node(
 mod tests {
     use super::*;
     use crate::policy::{Flow, Protocol, evaluate_direction};
-    use crate::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
+    use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
     use netsieve_common::IDENTITY_WORLD;
 
     /// The compiled entries, evaluated as the kernel does, agree with the semantics module on

@@ -1,0 +1,322 @@
+//! The agent's state machine: object events and manifests polling into the controller,
+//! interface changes, reconcile (program, detach, attach), readiness, metrics snapshots and
+//! shutdown.
+use super::args::{AgentArgs, OnExit};
+use super::dataplane::{Dataplane, read_drop_counters};
+use super::error::AgentError;
+use crate::controller::{Controller, ObjectEvent, ObjectKind};
+use crate::dataplane::discovery::InterfaceIndex;
+use crate::dataplane::maps::KernelMaps;
+use crate::dataplane::sync::{Capacity, SyncError};
+use crate::dir_watch::DirFingerprint;
+use crate::kube_source::Received;
+use crate::manifests;
+use crate::metrics::{DataplaneSnapshot, Metrics};
+use crate::policy::PodInfo;
+use netsieve_common::MAX_ENDPOINTS;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type StepResult = Result<crate::dataplane::sync::SyncReport, SyncError>;
+
+pub(super) struct Agent {
+    args: AgentArgs,
+    pub(super) dataplane: Dataplane,
+    controller: Controller,
+    metrics: Arc<Metrics>,
+    /// Kinds whose initial list has been received (API mode).
+    listed: BTreeSet<ObjectKind>,
+    /// Events held until every kind has been listed once.
+    pending: Vec<Received>,
+    /// When each unplaced bridged pod was last nudged.
+    nudged: BTreeMap<String, Instant>,
+    /// Manifests mode: the directory as last loaded, and whether one load succeeded.
+    last_fingerprint: Option<DirFingerprint>,
+    manifests_loaded: bool,
+    last_resync: Instant,
+}
+
+impl Agent {
+    pub(super) fn start(args: AgentArgs, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
+        let dataplane = Dataplane::load(&args)?;
+        let controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
+        tracing::info!(node = %args.node, pins = %dataplane.pin_dir.display(), "agent started");
+        Ok(Agent {
+            args,
+            dataplane,
+            controller,
+            metrics,
+            listed: BTreeSet::new(),
+            pending: Vec::new(),
+            nudged: BTreeMap::new(),
+            last_fingerprint: None,
+            manifests_loaded: false,
+            last_resync: Instant::now(),
+        })
+    }
+
+    fn record(&self, result: StepResult) {
+        match result {
+            Ok(report) => {
+                if report != Default::default() {
+                    tracing::info!(
+                        programmed = report.endpoints_programmed,
+                        removed = report.endpoints_removed,
+                        failed_closed = report.endpoints_failed_closed.len(),
+                        ipcache_written = report.ipcache_written,
+                        ipcache_removed = report.ipcache_removed,
+                        "policy programmed"
+                    );
+                }
+            }
+            Err(error) => {
+                let error = AgentError::from(error);
+                self.metrics.reconcile_error(error.metric_label());
+                tracing::error!(%error, "programming failed; the next change retries with a full comparison");
+            }
+        }
+    }
+
+    /// Runs one controller step against the kernel maps, with the current interface table.
+    fn run_step(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> StepResult {
+        let dp = &mut self.dataplane;
+        let interface_of = Dataplane::interface_of(&dp.interfaces);
+        step(&mut self.controller, &mut dp.maps, &interface_of)
+    }
+
+    /// A step that may change the endpoints: runs and records it, then detaches and attaches
+    /// to match. Returns (the step succeeded, every programmed endpoint is attached).
+    fn reconcile(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> (bool, bool) {
+        let result = self.run_step(step);
+        let succeeded = result.is_ok();
+        self.record(result);
+        self.detach_unwanted();
+        (succeeded, self.attach_programmed())
+    }
+
+    /// Detaches from interfaces that no longer hold a programmed endpoint, before any new
+    /// endpoint could reuse them.
+    fn detach_unwanted(&mut self) {
+        let wanted: BTreeSet<u32> = self.controller.compiler.program().endpoints.values().map(|e| e.ifindex).collect();
+        for ifindex in self.dataplane.attachments.ifindexes() {
+            if !wanted.contains(&ifindex) {
+                self.dataplane.attachments.detach(&mut self.dataplane.ebpf, ifindex);
+            }
+        }
+    }
+
+    /// Attaches to interfaces whose endpoint is programmed (so the first packet is judged by
+    /// policy). Returns whether every programmed endpoint is attached.
+    fn attach_programmed(&mut self) -> bool {
+        let mut all = true;
+        let live: Vec<(String, u32)> =
+            self.controller.sync.live_endpoints().map(|(name, _, ifindex)| (name.to_string(), ifindex)).collect();
+        for (pod, ifindex) in live {
+            if self.dataplane.attachments.is_attached(ifindex) {
+                continue;
+            }
+            let Some(link) = self.dataplane.interfaces.links.values().find(|l| l.ifindex == ifindex) else {
+                all = false;
+                continue;
+            };
+            let name = link.name.clone();
+            match self.dataplane.attachments.attach(&mut self.dataplane.ebpf, ifindex, &name) {
+                Ok(()) => tracing::info!(%pod, interface = %name, "enforcing"),
+                Err(error) => {
+                    all = false;
+                    let error = AgentError::from(error);
+                    self.metrics.reconcile_error(error.metric_label());
+                    tracing::error!(%pod, interface = %name, %error, "cannot attach; pod not enforced yet, will retry");
+                }
+            }
+        }
+        all
+    }
+
+    pub(super) fn apply_events(&mut self, batch: Vec<Received>) {
+        for (event, _) in &batch {
+            if let ObjectEvent::Relisted(kind, _) = event {
+                self.listed.insert(*kind);
+            }
+        }
+        self.pending.extend(batch);
+        // Nothing is programmed (or attached) until every kind has been listed once: pods
+        // without their policies would be programmed wide open.
+        if self.listed.len() < ObjectKind::ALL.len() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending);
+        let Some(received) = batch.first().map(|(_, at)| *at) else { return };
+        let events: Vec<ObjectEvent> = batch.into_iter().map(|(event, _)| event).collect();
+        self.reconcile(|controller, maps, interface_of| controller.apply_events(maps, events, received, interface_of));
+    }
+
+    /// Manifests mode: reload the directory if it changed.
+    pub(super) fn poll_manifests(&mut self, dir: &std::path::Path) {
+        let fingerprint = match DirFingerprint::read(dir) {
+            Ok(f) => f,
+            Err(error) => {
+                self.metrics.invalid_object("Manifests", "unreadable");
+                tracing::error!(%error, dir = %dir.display(), "cannot read manifests; keeping the last state");
+                return;
+            }
+        };
+        if self.last_fingerprint.as_ref() == Some(&fingerprint) {
+            return;
+        }
+        let received = Instant::now();
+        self.last_fingerprint = Some(fingerprint);
+        let loaded = match manifests::load_dir(dir) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                self.metrics.invalid_object("Manifests", "unreadable");
+                tracing::error!(%error, "cannot load manifests; keeping the last state");
+                return;
+            }
+        };
+        if !loaded.errors.is_empty() {
+            // A missing document could be a policy that restricts traffic: applying the rest
+            // could open traffic, so the last good state stays until the input is fixed.
+            for error in &loaded.errors {
+                self.metrics.invalid_object("Manifests", "undecodable");
+                tracing::error!(%error, "manifest not loaded; keeping the last good state");
+            }
+            return;
+        }
+        let (succeeded, _) =
+            self.reconcile(|controller, maps, interface_of| controller.replace(maps, loaded.cluster_state(), received, interface_of));
+        self.manifests_loaded |= succeeded;
+    }
+
+    /// Interfaces appeared, went or moved (reported by the discovery thread): reprogram the
+    /// endpoints concerned.
+    pub(super) fn apply_interfaces(&mut self, interfaces: InterfaceIndex) {
+        let received = Instant::now();
+        self.dataplane.interfaces = interfaces;
+        let (_, attached) =
+            self.reconcile(|controller, maps, interface_of| controller.refresh_interfaces(maps, received, interface_of));
+        self.update_readiness(attached);
+    }
+
+    /// Bridged CNIs: a local pod the node never talked to has no neighbour entry, so its
+    /// interface cannot be found. Make the kernel resolve it with an empty UDP datagram to the
+    /// discard port (ARP/ND first; the datagram itself is dropped by the pod), at most every
+    /// 2 s per pod, only for addresses on a directly attached bridge subnet.
+    fn nudge_unplaced_pods(&mut self) {
+        let waiting: Vec<String> = self.controller.compiler.waiting_for_interface().cloned().collect();
+        self.nudged.retain(|pod, _| waiting.contains(pod));
+        for key in waiting {
+            if self.nudged.get(&key).is_some_and(|at| at.elapsed() < Duration::from_secs(2)) {
+                continue;
+            }
+            let Some(pod) = self.controller.state.pods.get(&key) else { continue };
+            let targets: Vec<IpAddr> =
+                pod.ips.iter().filter(|ip| self.dataplane.interfaces.on_bridge_subnet(ip)).copied().collect();
+            if targets.is_empty() {
+                continue;
+            }
+            for ip in targets {
+                let bind: SocketAddr = if ip.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+                if let Err(error) = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (ip, 9))) {
+                    tracing::debug!(pod = %key, %ip, %error, "neighbour resolution nudge");
+                }
+            }
+            tracing::debug!(pod = %key, "asked the kernel to resolve a bridged pod's address");
+            self.nudged.insert(key, Instant::now());
+        }
+    }
+
+    /// Every tick: the periodic full resync, attach retries, readiness.
+    pub(super) fn periodic(&mut self) {
+        self.nudge_unplaced_pods();
+        let resync = Duration::from_secs(self.args.resync_interval);
+        if !resync.is_zero() && self.last_resync.elapsed() >= resync {
+            self.last_resync = Instant::now();
+            let result = self.run_step(|controller, maps, interface_of| controller.full_resync(maps, interface_of));
+            if let Ok(report) = &result
+                && *report != Default::default()
+            {
+                tracing::warn!(?report, "full resync found differences the incremental path missed");
+            }
+            self.record(result);
+        }
+        let attached = self.attach_programmed();
+        self.update_readiness(attached);
+    }
+
+    fn update_readiness(&mut self, attached: bool) {
+        let synced = match &self.args.manifests {
+            Some(_) => self.manifests_loaded,
+            None => self.listed.len() == ObjectKind::ALL.len(),
+        };
+        let reason = if !synced {
+            "initial sync not done"
+        } else if !attached {
+            "programs not attached to every local pod yet"
+        } else {
+            ""
+        };
+        self.metrics.set_ready(reason.is_empty(), reason);
+        // Once in sync, a previous agent's links on interfaces we did not take over belong to
+        // pods that left: detach them.
+        if reason.is_empty() && self.dataplane.attachments.previous_links() > 0 {
+            self.dataplane.attachments.release_previous();
+        }
+    }
+
+    pub(super) fn snapshot(&mut self) -> DataplaneSnapshot {
+        let live: BTreeMap<u32, String> =
+            self.controller.sync.live_endpoints().map(|(name, id, _)| (id, name.to_string())).collect();
+        let endpoints = self.dataplane.endpoint_counters(&live);
+        let counts = self.controller.sync.entry_counts();
+        let capacity = self.controller.sync.capacity();
+        let mut maps = BTreeMap::new();
+        maps.insert("ENDPOINTS", (live.len(), MAX_ENDPOINTS as usize));
+        maps.insert("IPCACHE", (self.controller.sync.ipcache_len(), capacity.ipcache));
+        maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity));
+        maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr));
+        maps.insert("POLICY_PORT", (counts.port, capacity.port));
+        let state = &self.controller.state;
+        DataplaneSnapshot {
+            drops: read_drop_counters(&self.dataplane.drops),
+            endpoints,
+            maps,
+            endpoint_count: live.len(),
+            endpoints_failed_closed: self.controller.compiler.program().endpoints.values().filter(|e| e.fail_closed).count(),
+            pods_waiting_for_interface: self.controller.compiler.waiting_for_interface().count(),
+            policy_count: state.policies.len(),
+            invalid_policy_count: state.policies.values().filter(|p| !p.errors.is_empty()).count(),
+            identity_count: self.controller.compiler.identities().len(),
+        }
+    }
+
+    pub(super) fn log_counters(&self) {
+        let drops: Vec<String> = read_drop_counters(&self.dataplane.drops)
+            .into_iter()
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(reason, direction, n)| format!("{direction}/{reason}={n}"))
+            .collect();
+        tracing::info!(drops = %drops.join(" "), "drop counters");
+    }
+
+    pub(super) fn shutdown(&mut self) {
+        let started = Instant::now();
+        let interfaces = self.dataplane.attachments.ifindexes().len();
+        match self.args.on_exit {
+            OnExit::Detach => {
+                self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
+                let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
+                tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
+            }
+            OnExit::Keep => {
+                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf);
+                tracing::info!(
+                    interfaces, links, pins = %self.dataplane.pin_dir.display(),
+                    "agent stopped: programs stay attached and enforce the last programmed state until the next agent takes over"
+                );
+            }
+        }
+    }
+}

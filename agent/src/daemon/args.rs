@@ -1,0 +1,57 @@
+//! Command-line arguments of `netsieve agent` and `netsieve cleanup`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Name of this node: pods whose spec.nodeName equals it are enforced here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// Directory of manifests to enforce instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API (default: $KUBECONFIG, else the in-cluster service account).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where to serve /metrics (Prometheus text), /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Drop traffic between pods and this node's own addresses unless a policy allows it.
+    /// Kubernetes documents node-to-pod traffic as always allowed (kubelet probes), so by
+    /// default it is.
+    #[arg(long)]
+    pub deny_node_traffic: bool,
+    /// Where to mount a bpffs of our own when /sys/fs/bpf is not one.
+    #[arg(long, default_value = "/run/netsieve/bpffs")]
+    pub bpffs: PathBuf,
+    /// Seconds between drop-counter log lines (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub counters_interval: u64,
+    /// Seconds between full recompile-and-compare passes, a safety net behind the incremental
+    /// path (0: never).
+    #[arg(long, default_value_t = 300)]
+    pub resync_interval: u64,
+    /// On SIGTERM: `detach` the programs (traffic flows unfiltered afterwards), or `keep`
+    /// them attached through their pins, enforcing the last programmed state until the next
+    /// agent takes over (DaemonSet upgrades, restarts). After `keep`, uninstalling needs
+    /// `netsieve cleanup`.
+    #[arg(long, value_enum, default_value_t = OnExit::Detach)]
+    pub on_exit: OnExit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    Detach,
+    Keep,
+}
+
+/// `netsieve cleanup`: detach and remove what `agent --on-exit keep` left on this node.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CleanupArgs {
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// The agent's `--bpffs` (used when /sys/fs/bpf is not a bpffs).
+    #[arg(long, default_value = "/run/netsieve/bpffs")]
+    pub bpffs: PathBuf,
+}
+

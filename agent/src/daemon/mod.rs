@@ -1,0 +1,137 @@
+//! `netsieve agent`: enforce NetworkPolicies for the pods of one node.
+//!
+//! Sources: the Kubernetes API (default; kube-runtime watchers, see `kube_source`) or a
+//! manifests directory (`--manifests`, polled every
+//! [`POLL_INTERVAL`](crate::dir_watch::POLL_INTERVAL)). Either way, events go through the
+//! [`Controller`](crate::controller::Controller): only what they affect is recompiled and written, without a window where a
+//! pod is unprotected (see `dataplane::sync`). Watch events are drained in bursts: everything
+//! queued when the loop wakes is applied as one batch, so bursts coalesce without any added
+//! delay. Programs attach to a pod's interface after its endpoint is written.
+//!
+//! Bad input never opens traffic: an unreadable manifest keeps the last good state, invalid
+//! policies fail closed, an API outage keeps enforcing the last known state. Metrics and
+//! health are served on `--metrics-addr`.
+//!
+//! - `args`: the command-line arguments; `error`: the error type.
+//! - `dataplane`: the kernel side (loaded programs, maps, pins, attachments, counters).
+//! - `agent`: the state machine driven by the loop in [`run`] (events, manifests, interfaces,
+//!   reconcile, readiness, shutdown).
+//! - `discovery`: the interface discovery thread; `http`: the metrics and health server.
+mod agent;
+mod args;
+mod dataplane;
+mod discovery;
+mod error;
+mod http;
+
+pub use args::{AgentArgs, CleanupArgs, OnExit};
+pub use dataplane::read_drop_counters;
+pub use error::AgentError;
+
+use crate::dataplane::bpffs;
+use crate::dataplane::discovery::InterfaceIndex;
+use crate::dir_watch::POLL_INTERVAL;
+use crate::kube_source::{self, Received};
+use crate::metrics::Metrics;
+use agent::Agent;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Detaches the links an agent left pinned and removes its pins. Returns the number of links.
+pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
+    let Some(dir) = bpffs::existing_pin_dir(&args.node, &args.bpffs) else {
+        tracing::info!(node = %args.node, "nothing pinned for this node");
+        return Ok(0);
+    };
+    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"));
+    std::fs::remove_dir_all(&dir).map_err(|source| AgentError::Cleanup { path: dir.clone(), source })?;
+    tracing::info!(node = %args.node, links, dir = %dir.display(), "detached the programs and removed the pins");
+    Ok(links)
+}
+
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_ready(false, "starting");
+        http::serve_metrics(args.metrics_addr, metrics.clone()).await?;
+        let counters_every = Duration::from_secs(args.counters_interval);
+        let mut agent = Agent::start(args.clone(), metrics.clone())?;
+        // Interface tables are read by `ip`/`bridge` subprocesses on their own thread, so the
+        // agent loop never waits on them while events queue up.
+        match InterfaceIndex::read() {
+            Ok(interfaces) => agent.apply_interfaces(interfaces),
+            Err(error) => tracing::error!(%error, "cannot read interfaces yet; retrying"),
+        }
+        let mut links = discovery::spawn_discovery(agent.dataplane.interfaces.clone(), metrics.clone());
+        let (events_tx, mut events) = mpsc::unbounded_channel::<Received>();
+        let mut watchers = Vec::new();
+        match &args.manifests {
+            Some(dir) => {
+                tracing::info!(manifests = %dir.display(), "source: manifests directory");
+                agent.poll_manifests(dir);
+            }
+            None => {
+                let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+                tracing::info!("source: Kubernetes API");
+                watchers = kube_source::spawn_watchers(client, events_tx.clone(), metrics.clone());
+            }
+        }
+        // Keeps the channel open in manifests mode, where no watcher holds a sender.
+        let _keep_open = events_tx;
+        let mut last_counters = Instant::now();
+        let mut last_snapshot = Instant::now();
+        let mut ticker = tokio::time::interval(POLL_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {
+                    tracing::info!("SIGTERM: stopping");
+                    break;
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("SIGINT: stopping");
+                    break;
+                }
+                Some(first) = events.recv() => {
+                    let mut batch = vec![first];
+                    while let Ok(more) = events.try_recv() {
+                        batch.push(more);
+                    }
+                    agent.apply_events(batch);
+                }
+                Some(interfaces) = links.recv() => agent.apply_interfaces(interfaces),
+                _ = ticker.tick() => {
+                    if let Some(dir) = args.manifests.clone() {
+                        agent.poll_manifests(&dir);
+                    }
+                    agent.periodic();
+                    if last_snapshot.elapsed() >= Duration::from_millis(500) {
+                        let snapshot = agent.snapshot();
+                        metrics.set_dataplane(snapshot);
+                        last_snapshot = Instant::now();
+                    }
+                    if !counters_every.is_zero() && last_counters.elapsed() >= counters_every {
+                        agent.log_counters();
+                        last_counters = Instant::now();
+                    }
+                }
+            }
+        }
+        for watcher in watchers {
+            watcher.abort();
+        }
+        agent.log_counters();
+        agent.shutdown();
+        Ok(())
+    })
+}
