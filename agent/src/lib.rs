@@ -9,6 +9,9 @@
 //! - [`kube_source`]: kube-runtime watchers feeding the controller.
 //! - [`metrics`]: Prometheus text metrics and readiness.
 //! - [`daemon`]: `netsieve agent`, wiring sources, controller, kernel and metrics server.
+//! - [`node_api`]: the requests of the agent's node-local unix socket.
+//! - [`cni`]: the chained CNI plugin `netsieve-cni` and its installation.
+pub mod cni;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
@@ -17,4 +20,5 @@ pub mod explain_cmd;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
+pub mod node_api;
 pub mod policy;

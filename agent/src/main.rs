@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Kubernetes NetworkPolicy enforcer for Linux nodes (TC eBPF).
@@ -19,6 +20,48 @@ enum Command {
     /// Detach the programs and remove the pins an `agent --on-exit keep` left on this node
     /// (uninstalling). Exit status: 0 done, 2 error.
     Cleanup(netsieve::daemon::CleanupArgs),
+    /// Install or remove the `netsieve-cni` chained plugin on this node (the DaemonSet's init
+    /// container). Exit status: 0 done, 2 error.
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// Copy the plugin binary into the CNI binary directory and append the plugin to the
+    /// node's CNI configuration list (idempotent).
+    Install(CniInstallArgs),
+    /// Remove the plugin from every CNI configuration list, then its binary.
+    Uninstall(CniUninstallArgs),
+}
+
+#[derive(clap::Args)]
+struct CniInstallArgs {
+    /// The plugin binary to install (default: `netsieve-cni` next to this executable).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// The agent's socket, written into the plugin's configuration.
+    #[arg(long, default_value = netsieve::node_api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Seconds to wait for the main plugin's configuration to appear.
+    #[arg(long, default_value_t = 0)]
+    wait: u64,
+}
+
+#[derive(clap::Args)]
+struct CniUninstallArgs {
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    conf_dir: PathBuf,
+    /// Leave the binary (pods added while installed call it on DEL; without an agent it
+    /// answers success).
+    #[arg(long)]
+    keep_binary: bool,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +92,58 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cni(command) => cni(command),
+    }
+}
+
+fn cni(command: CniCommand) -> ExitCode {
+    use netsieve::cni::install;
+    match command {
+        CniCommand::Install(args) => {
+            let binary = match args.binary {
+                Some(binary) => binary,
+                None => match std::env::current_exe() {
+                    Ok(exe) => exe.with_file_name(install::PLUGIN_TYPE),
+                    Err(error) => {
+                        eprintln!("netsieve cni install: cannot locate this executable: {error}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            let wait = std::time::Duration::from_secs(args.wait);
+            match install::install(&binary, &args.bin_dir, &args.conf_dir, &args.socket, wait) {
+                Ok(done) => {
+                    println!(
+                        "{} {} ({}); {} {}",
+                        done.binary.display(),
+                        if done.binary_written { "written" } else { "already up to date" },
+                        binary.display(),
+                        done.conflist.display(),
+                        if done.conflist_written { "now chains netsieve-cni" } else { "already chains netsieve-cni" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("netsieve cni install: {error}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        CniCommand::Uninstall(args) => match install::uninstall(&args.bin_dir, &args.conf_dir, args.keep_binary) {
+            Ok(done) => {
+                for path in &done.conflists_changed {
+                    println!("{}: netsieve-cni removed", path.display());
+                }
+                if done.binary_removed {
+                    println!("{}: removed", args.bin_dir.join(install::PLUGIN_TYPE).display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("netsieve cni uninstall: {error}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -1,7 +1,9 @@
 //! The deployment manifests agree with the agent: they parse as the Kubernetes types they
 //! claim to be, grant only read access to what the watchers read, pass flags the binary
-//! accepts, and probe the endpoints the agent serves. (No cluster can run here; this is what
-//! can be checked without one.)
+//! accepts, and probe the endpoints the agent serves; the init container installs the CNI
+//! plugin where the runtime finds it, and `netsieve cni install | uninstall` does so
+//! idempotently on a kind node's configuration. (No cluster can run here; this is what can be
+//! checked without one.)
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -108,6 +110,151 @@ fn daemonset_matches_the_agent() {
     assert!(mounts.iter().any(|m| m.name == "bpffs" && m.mount_path == "/sys/fs/bpf"));
     let requests = container.resources.as_ref().and_then(|r| r.requests.clone()).expect("requests");
     assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+
+    // The node API socket lives in a host directory, where the CNI plugin (run by the
+    // container runtime on the host) reaches it.
+    let socket = args.iter().skip_while(|a| *a != "--socket").nth(1).expect("--socket").clone();
+    let run = mounts.iter().find(|m| socket.starts_with(&format!("{}/", m.mount_path))).expect("socket on a mounted volume");
+    let run_host = host_path(&run.name).expect("socket volume is a hostPath");
+    assert_eq!(Path::new(&run_host).join(Path::new(&socket).strip_prefix(&run.mount_path).expect("under the mount")), Path::new(&socket));
+
+    // The init container installs the plugin: `netsieve cni install` with flags it accepts,
+    // into the host's CNI directories, pointing the plugin at the agent's socket.
+    let init = pod.init_containers.as_ref().and_then(|c| c.iter().find(|c| c.name == "install-cni")).expect("install-cni init container");
+    assert_eq!(init.image, container.image, "same image as the agent");
+    let init_args = init.args.clone().expect("init args");
+    assert_eq!(&init_args[..2], ["cni", "install"]);
+    let help = Command::new(env!("CARGO_BIN_EXE_netsieve")).args(["cni", "install", "--help"]).output().expect("netsieve runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in init_args.iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(flag.as_str()), "netsieve cni install has no {flag}");
+    }
+    let value = |flag: &str| init_args.iter().skip_while(|a| *a != flag).nth(1).cloned().unwrap_or_else(|| panic!("{flag}"));
+    assert_eq!(value("--socket"), socket, "the plugin talks to the agent's socket");
+    assert_eq!(value("--binary"), "/usr/local/bin/netsieve-cni", "the image's plugin binary");
+    let init_mounts = init.volume_mounts.clone().unwrap_or_default();
+    for (flag, host) in [("--bin-dir", "/opt/cni/bin"), ("--conf-dir", "/etc/cni/net.d")] {
+        let dir = value(flag);
+        let mount = init_mounts.iter().find(|m| m.mount_path == dir).unwrap_or_else(|| panic!("{flag} {dir} is not mounted"));
+        assert_eq!(host_path(&mount.name).as_deref(), Some(host), "{flag}");
+    }
+    let init_security = init.security_context.as_ref().expect("init securityContext");
+    assert_ne!(init_security.privileged, Some(true));
+    assert_eq!(init_security.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+}
+
+/// kind's kindnet configuration list (kindnetd writes it as /etc/cni/net.d/10-kindnet.conflist),
+/// formatting quirks included.
+const KINDNET_CONFLIST: &str = r#"
+{
+	"cniVersion": "0.3.1",
+	"name": "kindnet",
+	"plugins": [
+	{
+		"type": "ptp",
+		"ipMasq": false,
+		"ipam": {
+			"type": "host-local",
+			"dataDir": "/run/cni-ipam-state",
+			"routes": [
+				{ "dst": "0.0.0.0/0" }
+			],
+			"ranges": [
+				[ { "subnet": "10.244.1.0/24" } ]
+			]
+		}
+		,
+		"mtu": 1500
+	},
+	{
+		"type": "portmap",
+		"capabilities": {
+			"portMappings": true
+		}
+	}
+	]
+}
+"#;
+
+#[test]
+fn cni_install_and_uninstall_are_idempotent_on_a_kind_node() {
+    let root = std::env::temp_dir().join(format!("netsieve-cni-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (bin_dir, conf_dir) = (root.join("opt/cni/bin"), root.join("etc/cni/net.d"));
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    std::fs::write(conf_dir.join("10-kindnet.conflist"), KINDNET_CONFLIST).expect("conflist");
+    // Not the active configuration (sorted after): left alone.
+    std::fs::write(conf_dir.join("99-other.conflist"), r#"{"cniVersion":"1.0.0","name":"other","plugins":[{"type":"bridge"}]}"#).expect("other");
+    let plugin = Path::new(env!("CARGO_BIN_EXE_netsieve-cni"));
+    let netsieve = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_netsieve")).args(args).output().expect("netsieve runs");
+        assert!(output.status.success(), "netsieve {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let install = [
+        "cni", "install", "--binary", plugin.to_str().expect("path"), "--bin-dir", bin_dir.to_str().expect("path"),
+        "--conf-dir", conf_dir.to_str().expect("path"), "--socket", "/run/netsieve/agent.sock",
+    ];
+    let printed = netsieve(&install);
+    assert!(printed.contains("now chains netsieve-cni"), "{printed}");
+    let conflist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).expect("read")).expect("valid JSON");
+    let original: serde_json::Value = serde_json::from_str(KINDNET_CONFLIST).expect("kindnet conflist");
+    let plugins = conflist["plugins"].as_array().expect("plugins");
+    assert_eq!(plugins.len(), 3);
+    assert_eq!(&plugins[..2], original["plugins"].as_array().expect("plugins").as_slice(), "main plugins untouched");
+    assert_eq!(plugins[2], serde_json::json!({"type": "netsieve-cni", "socket": "/run/netsieve/agent.sock"}));
+    assert_eq!((conflist["name"].clone(), conflist["cniVersion"].clone()), (original["name"].clone(), original["cniVersion"].clone()));
+    let installed = bin_dir.join("netsieve-cni");
+    assert_eq!(std::fs::read(&installed).expect("installed"), std::fs::read(plugin).expect("plugin"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&installed).expect("meta").permissions().mode() & 0o777, 0o755);
+    // The installed binary is a working plugin: VERSION as a runtime asks it.
+    let mut child = Command::new(&installed)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run plugin");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), br#"{"cniVersion":"0.3.1"}"#).expect("stdin");
+    let version: serde_json::Value = serde_json::from_slice(&child.wait_with_output().expect("output").stdout).expect("VERSION JSON");
+    assert!(version["supportedVersions"].as_array().expect("versions").contains(&serde_json::json!("0.3.1")));
+
+    // Twice: nothing changes, byte for byte; no leftover temporary files.
+    let snapshot = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").path())
+            .map(|p| (p.file_name().expect("name").to_string_lossy().to_string(), std::fs::read(&p).expect("read")))
+            .collect();
+        files.sort();
+        files
+    };
+    let before = (snapshot(&conf_dir), snapshot(&bin_dir));
+    let printed = netsieve(&install);
+    assert!(printed.contains("already up to date") && printed.contains("already chains"), "{printed}");
+    assert_eq!((snapshot(&conf_dir), snapshot(&bin_dir)), before, "a second install changed something");
+    assert_eq!(before.0.len(), 2, "only the two configuration files: {:?}", before.0.iter().map(|f| &f.0).collect::<Vec<_>>());
+
+    // Uninstall: the plugin leaves the list, the binary goes; again is a no-op.
+    netsieve(&["cni", "uninstall", "--bin-dir", bin_dir.to_str().expect("path"), "--conf-dir", conf_dir.to_str().expect("path")]);
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).expect("read")).expect("valid JSON");
+    assert_eq!(after, original, "uninstall restores the configuration");
+    assert!(!installed.exists(), "binary removed");
+    netsieve(&["cni", "uninstall", "--bin-dir", bin_dir.to_str().expect("path"), "--conf-dir", conf_dir.to_str().expect("path")]);
+    // `netsieve cleanup` uninstalls too.
+    netsieve(&install);
+    netsieve(&[
+        "cleanup", "--node", "no-such-node", "--bpffs", root.join("bpffs").to_str().expect("path"),
+        "--cni-bin-dir", bin_dir.to_str().expect("path"), "--cni-conf-dir", conf_dir.to_str().expect("path"),
+    ]);
+    let cleaned: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_dir.join("10-kindnet.conflist")).expect("read")).expect("valid JSON");
+    assert_eq!(cleaned, original, "cleanup removes the plugin");
+    assert!(!installed.exists());
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]
@@ -115,7 +262,13 @@ fn dockerfile_is_multi_stage_and_kind_config_parses() {
     let dockerfile = std::fs::read_to_string(deploy("Dockerfile")).expect("Dockerfile");
     assert!(dockerfile.lines().filter(|l| l.starts_with("FROM ")).count() >= 2, "multi-stage");
     assert!(dockerfile.contains("cargo xtask build"));
-    assert!(dockerfile.contains("COPY --from=build /src/target/release/netsieve"));
+    assert!(dockerfile.contains("COPY --from=build /src/target/release/netsieve /usr/local/bin/netsieve"));
+    assert!(dockerfile.contains("COPY --from=build /src/target/release/netsieve-cni /usr/local/bin/netsieve-cni"));
+    // Discovery speaks rtnetlink: the image needs no iproute2.
+    assert!(
+        !dockerfile.lines().filter(|l| !l.trim_start().starts_with('#')).any(|l| l.contains("iproute2")),
+        "the agent no longer runs ip/bridge"
+    );
     let kind = &documents("kind/cluster.yaml")[0];
     assert_eq!(kind["kind"].as_str(), Some("Cluster"));
     assert_eq!(kind["apiVersion"].as_str(), Some("kind.x-k8s.io/v1alpha4"));

@@ -98,8 +98,15 @@ fn enforcement_survives_agent_restarts() {
     // Uninstall: `netsieve cleanup` on each node detaches everything; traffic flows freely.
     for (index, node) in cluster.nodes.iter().enumerate() {
         let path = bpffs[index].to_string_lossy().to_string();
+        // The CNI directories of this test's "node", never the machine's own.
+        let cni = std::env::temp_dir().join(format!("netsieve-restart-cni-{}-{index}", cluster.id));
+        let (cni_bin, cni_conf) = (cni.join("bin").to_string_lossy().to_string(), cni.join("net.d").to_string_lossy().to_string());
         let mut child = cluster
-            .spawn_on_node(index, binary, &["cleanup", "--node", &node.name, "--bpffs", &path])
+            .spawn_on_node(
+                index,
+                binary,
+                &["cleanup", "--node", &node.name, "--bpffs", &path, "--cni-bin-dir", &cni_bin, "--cni-conf-dir", &cni_conf],
+            )
             .expect("cleanup runs");
         let status = child.wait().expect("cleanup exits");
         assert!(status.success(), "cleanup on {}", node.name);

@@ -102,6 +102,12 @@ pub struct Cluster {
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<Result<(), NetnsError>>>,
+    /// The run id hashed into link names.
+    short: String,
+    dual_stack: bool,
+    /// Pods created over the cluster's life (names and addresses are never reused).
+    pods_created: usize,
+    pods_created_on_node: Vec<usize>,
 }
 
 /// Deletes namespaces left by earlier runs that were killed before their cleanup ran.
@@ -160,9 +166,13 @@ impl Cluster {
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
+            // Short unique link names (15 characters max): the run id hashed to 6 hex digits.
+            short: format!("{:06x}", fnv(&id) & 0xff_ffff),
+            dual_stack: v6,
+            pods_created: pods.len(),
+            pods_created_on_node: (0..nodes).map(|n| pods.iter().filter(|p| p.1 == n).count()).collect(),
         };
-        // Short unique link names (15 characters max): the run id hashed to 6 hex digits.
-        let short = format!("{:06x}", fnv(&id) & 0xff_ffff);
+        let short = cluster.short.clone();
         for i in 0..nodes {
             let netns = format!("{PREFIX}-{id}-n{i}");
             ip(None, &["netns", "add", &netns])?;
@@ -218,31 +228,16 @@ impl Cluster {
             let pod_ip = format!("10.250.{node}.{}", 10 + per_node[*node]);
             per_node[*node] += 1;
             let host_veth = format!("h{short}{index}");
-            ip(None, &["link", "add", &host_veth, "netns", &node_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
-            ip(Some(&netns), &["link", "set", "lo", "up"])?;
             if bridged {
+                ip(None, &["link", "add", &host_veth, "netns", &node_ns, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+                ip(Some(&netns), &["link", "set", "lo", "up"])?;
                 ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
                 ip(Some(&netns), &["link", "set", "eth0", "up"])?;
                 ip(Some(&netns), &["route", "add", "default", "via", &format!("10.250.{node}.1"), "dev", "eth0"])?;
                 ip(Some(&node_ns), &["link", "set", &host_veth, "master", "br0"])?;
                 ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
             } else {
-                ip(Some(&netns), &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-                ip(Some(&netns), &["link", "set", "eth0", "up"])?;
-                ip(Some(&netns), &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-                ip(Some(&netns), &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-                // The pod's gateway address lives on every host-side veth (as kindnet's ptp
-                // plugin gives the host side the gateway address), so the pod's ARP for it is
-                // answered.
-                ip(Some(&node_ns), &["addr", "add", "169.254.1.1/32", "dev", &host_veth, "scope", "link"])?;
-                ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
-                ip(Some(&node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", &host_veth, "scope", "link"])?;
-                if let Some(ip6) = &pod_ip6 {
-                    ip(Some(&netns), &["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
-                    ip(Some(&netns), &["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
-                    ip(Some(&node_ns), &["-6", "addr", "add", "fe80::1/64", "dev", &host_veth, "nodad"])?;
-                    ip(Some(&node_ns), &["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_veth])?;
-                }
+                lay_out_routed_pod(&node_ns, &netns, &host_veth, &pod_ip, pod_ip6.as_deref())?;
             }
             cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, ip6: pod_ip6, host_veth });
         }
@@ -392,6 +387,251 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
     }
+}
+
+/// What a CNI main plugin reports after laying out a pod: the `prevResult` the next plugin of
+/// the chain receives.
+#[derive(Clone, Debug)]
+pub struct PtpResult {
+    pub pod: PodNet,
+    /// The sandbox: the pod's network namespace as a path.
+    pub netns_path: String,
+    pub host_mac: String,
+    pub container_mac: String,
+}
+
+impl PtpResult {
+    /// The result as the ptp plugin prints it (CNI 1.0.0): the host-side veth (no sandbox),
+    /// `eth0` in the sandbox holding the pod's /32 (and /128) with the link-local gateway, and a
+    /// default route.
+    pub fn prev_result(&self) -> serde_json::Value {
+        let mut ips = vec![serde_json::json!({"address": format!("{}/32", self.pod.ip), "gateway": "169.254.1.1", "interface": 1})];
+        let mut routes = vec![serde_json::json!({"dst": "0.0.0.0/0"})];
+        if let Some(ip6) = &self.pod.ip6 {
+            ips.push(serde_json::json!({"address": format!("{ip6}/128"), "gateway": "fe80::1", "interface": 1}));
+            routes.push(serde_json::json!({"dst": "::/0"}));
+        }
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": self.pod.host_veth, "mac": self.host_mac},
+                {"name": "eth0", "mac": self.container_mac, "sandbox": self.netns_path},
+            ],
+            "ips": ips,
+            "routes": routes,
+            "dns": {},
+        })
+    }
+}
+
+/// A UDP server in a pod that records, per source address, the sequence number and send time
+/// of every datagram it receives (as [`send_udp_sequence`] writes them).
+#[derive(Default, Debug)]
+pub struct UdpCounter {
+    received: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, Vec<(u32, u64)>>>,
+}
+
+impl UdpCounter {
+    /// (datagrams, highest sequence number) received from `source`.
+    pub fn from(&self, source: &str) -> (u64, u32) {
+        (self.sent_since(source, 0).map_or(0, |(count, _)| count), self.max_seq(source))
+    }
+
+    /// Of the datagrams from `source` sent at or after `since_us` (microseconds after the
+    /// sender's base instant): how many arrived, and the latest send time among them.
+    pub fn sent_since(&self, source: &str, since_us: u64) -> Option<(u64, u64)> {
+        let ip = source.parse::<std::net::IpAddr>().ok()?;
+        let map = self.received.lock().ok()?;
+        let records = map.get(&ip)?;
+        let late: Vec<u64> = records.iter().map(|r| r.1).filter(|sent| *sent >= since_us).collect();
+        Some((late.len() as u64, late.iter().copied().max().unwrap_or(0)))
+    }
+
+    fn max_seq(&self, source: &str) -> u32 {
+        let Ok(ip) = source.parse::<std::net::IpAddr>() else { return 0 };
+        self.received.lock().ok().and_then(|m| m.get(&ip).and_then(|r| r.iter().map(|r| r.0).max())).unwrap_or(0)
+    }
+}
+
+/// Sends `count` datagrams, one every `interval`, from inside `netns` to `to`, each carrying
+/// its sequence number (from 1, 4 bytes big-endian) and its send time in microseconds after
+/// `base` (8 bytes big-endian). Send errors (no route yet, ARP not resolved) are ignored: the
+/// datagram is simply not delivered. The thread returns the number sent.
+pub fn send_udp_sequence(
+    netns: &str,
+    to: SocketAddr,
+    count: u32,
+    interval: Duration,
+    base: Instant,
+) -> Result<JoinHandle<Result<u32, NetnsError>>, NetnsError> {
+    in_netns(netns, move || {
+        let local = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let Ok(socket) = UdpSocket::bind(local) else { return 0 };
+        let started = Instant::now();
+        let mut sent = 0;
+        for seq in 1..=count {
+            // Paced against the start, so a slow send does not stretch the sequence.
+            let due = interval * (seq - 1);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let mut payload = [0u8; 12];
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            payload[4..].copy_from_slice(&(base.elapsed().as_micros() as u64).to_be_bytes());
+            if socket.send_to(&payload, to).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    })
+}
+
+impl Cluster {
+    /// Adds a pod to a running routed cluster the way the ptp CNI plugin lays it out (as
+    /// [`Cluster::new`] does for its pods) but for the host route: a network namespace, a veth
+    /// pair with `eth0` in the pod holding the pod's /32 (and /128 on dual-stack clusters) and
+    /// routes via the link-local gateway, the gateway address on the host side. Returns what
+    /// ptp would report, i.e. the `prevResult` of the next plugin.
+    pub fn add_pod_ptp_without_host_route(&mut self, name: &str, node: usize) -> Result<PtpResult, NetnsError> {
+        let node_ns = self.nodes[node].netns.clone();
+        let index = self.pods_created;
+        let netns = format!("{PREFIX}-{}-p{index}", self.id);
+        let on_node = self.pods_created_on_node[node];
+        self.pods_created += 1;
+        self.pods_created_on_node[node] += 1;
+        let v6 = self.dual_stack;
+        ip(None, &["netns", "add", &netns])?;
+        self.namespaces.push(netns.clone());
+        if v6 {
+            sysctl(&netns, "net.ipv6.conf.all.accept_dad=0")?;
+            sysctl(&netns, "net.ipv6.conf.default.accept_dad=0")?;
+        }
+        let pod_ip = format!("10.250.{node}.{}", 10 + on_node);
+        let pod_ip6 = v6.then(|| format!("fd00:250:{node}::{:x}", 10 + on_node));
+        let host_veth = format!("h{}{index}", self.short);
+        lay_out_pod_side(&node_ns, &netns, &host_veth, &pod_ip, pod_ip6.as_deref())?;
+        let pod = PodNet { name: name.to_string(), netns: netns.clone(), node, ip: pod_ip, ip6: pod_ip6, host_veth: host_veth.clone() };
+        self.pods.push(pod.clone());
+        Ok(PtpResult {
+            pod,
+            netns_path: format!("/run/netns/{netns}"),
+            host_mac: mac_of(&node_ns, &host_veth)?,
+            container_mac: mac_of(&netns, "eth0")?,
+        })
+    }
+
+    /// [`Cluster::add_pod_ptp_without_host_route`] and [`Cluster::add_host_route`]: the whole
+    /// layout of the ptp plugin, the host route last, as ptp does.
+    pub fn add_pod_ptp(&mut self, name: &str, node: usize) -> Result<PtpResult, NetnsError> {
+        let result = self.add_pod_ptp_without_host_route(name, node)?;
+        self.add_host_route(&result)?;
+        Ok(result)
+    }
+
+    /// The host's routes to a pod (the last step of the ptp layout, after which the pod is
+    /// reachable and the plugin returns).
+    pub fn add_host_route(&self, result: &PtpResult) -> Result<(), NetnsError> {
+        let node_ns = &self.nodes[result.pod.node].netns;
+        ip(Some(node_ns), &["route", "add", &format!("{}/32", result.pod.ip), "dev", &result.pod.host_veth, "scope", "link"])?;
+        if let Some(ip6) = &result.pod.ip6 {
+            ip(Some(node_ns), &["-6", "route", "add", &format!("{ip6}/128"), "dev", &result.pod.host_veth])?;
+        }
+        Ok(())
+    }
+
+    /// The IPv4 address the next pod added to `node` gets.
+    pub fn next_pod_ip(&self, node: usize) -> String {
+        format!("10.250.{node}.{}", 10 + self.pods_created_on_node[node])
+    }
+
+    /// Removes a pod: deletes its namespace, which deletes its veth pair and host route.
+    pub fn remove_pod(&mut self, name: &str) -> Result<(), NetnsError> {
+        let Some(position) = self.pods.iter().position(|p| p.name == name) else { return Ok(()) };
+        let pod = self.pods.remove(position);
+        ip(None, &["netns", "del", &pod.netns])?;
+        self.namespaces.retain(|n| *n != pod.netns);
+        Ok(())
+    }
+
+    /// A UDP server in the pod counting what it receives (see [`UdpCounter`]).
+    pub fn serve_udp_counter(&mut self, pod: &str, port: u16) -> Result<Arc<UdpCounter>, NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
+        let stop = self.stop.clone();
+        let counter = Arc::new(UdpCounter::default());
+        let counts = counter.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let socket = match UdpSocket::bind(&addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = ready_tx.send(Ok(()));
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let seq = if n >= 4 { u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) } else { 0 };
+                    let sent = if n >= 12 {
+                        u64::from_be_bytes([buf[4], buf[5], buf[6], buf[7], buf[8], buf[9], buf[10], buf[11]])
+                    } else {
+                        0
+                    };
+                    if let Ok(mut map) = counts.received.lock() {
+                        map.entry(from.ip()).or_default().push((seq, sent));
+                    }
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)?;
+        Ok(counter)
+    }
+}
+
+/// The routed (kindnet ptp) layout of one pod whose namespace exists.
+fn lay_out_routed_pod(node_ns: &str, netns: &str, host_veth: &str, pod_ip: &str, pod_ip6: Option<&str>) -> Result<(), NetnsError> {
+    lay_out_pod_side(node_ns, netns, host_veth, pod_ip, pod_ip6)?;
+    ip(Some(node_ns), &["route", "add", &format!("{pod_ip}/32"), "dev", host_veth, "scope", "link"])?;
+    if let Some(ip6) = pod_ip6 {
+        ip(Some(node_ns), &["-6", "route", "add", &format!("{ip6}/128"), "dev", host_veth])?;
+    }
+    Ok(())
+}
+
+/// The routed layout without the host's routes to the pod.
+fn lay_out_pod_side(node_ns: &str, netns: &str, host_veth: &str, pod_ip: &str, pod_ip6: Option<&str>) -> Result<(), NetnsError> {
+    ip(None, &["link", "add", host_veth, "netns", node_ns, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+    ip(Some(netns), &["link", "set", "lo", "up"])?;
+    ip(Some(netns), &["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+    ip(Some(netns), &["link", "set", "eth0", "up"])?;
+    ip(Some(netns), &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+    ip(Some(netns), &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+    // The pod's gateway address lives on every host-side veth (as kindnet's ptp plugin gives
+    // the host side the gateway address), so the pod's ARP for it is answered.
+    ip(Some(node_ns), &["addr", "add", "169.254.1.1/32", "dev", host_veth, "scope", "link"])?;
+    ip(Some(node_ns), &["link", "set", host_veth, "up"])?;
+    if let Some(ip6) = pod_ip6 {
+        ip(Some(netns), &["-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+        ip(Some(netns), &["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        ip(Some(node_ns), &["-6", "addr", "add", "fe80::1/64", "dev", host_veth, "nodad"])?;
+    }
+    Ok(())
+}
+
+/// The MAC address of `dev` in `netns`.
+fn mac_of(netns: &str, dev: &str) -> Result<String, NetnsError> {
+    let command = format!("ip netns exec {netns} cat /sys/class/net/{dev}/address");
+    let output = Command::new("ip")
+        .args(["netns", "exec", netns, "cat", &format!("/sys/class/net/{dev}/address")])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| NetnsError::Spawn { command: command.clone(), source })?;
+    if !output.status.success() {
+        return Err(NetnsError::Command { command, stderr: String::from_utf8_lossy(&output.stderr).trim().into() });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
 /// Retries `check` until it returns true or `deadline` passes; bounded in time and count.

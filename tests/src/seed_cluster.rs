@@ -155,7 +155,9 @@ impl Agents {
         let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
         for (index, node) in cluster.nodes.iter().enumerate() {
             let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
-            let mut args: Vec<String> = ["agent", "--node", &node.name, "--bpffs", &bpffs].map(String::from).to_vec();
+            let socket = agent_socket(cluster, index).to_string_lossy().to_string();
+            let mut args: Vec<String> =
+                ["agent", "--node", &node.name, "--bpffs", &bpffs, "--socket", &socket].map(String::from).to_vec();
             args.extend(source_args(index));
             let command: Vec<String> = args.iter().map(|a| quote(a)).collect();
             let script = format!(
@@ -169,12 +171,15 @@ impl Agents {
         Ok(agents)
     }
 
-    /// `netsieve agent --node NODE --bpffs ... <source_args(node index)>` on every node.
+    /// `netsieve agent --node NODE --bpffs ... --socket ... <source_args(node index)>` on every
+    /// node.
     pub fn spawn(cluster: &Cluster, binary: &Path, source_args: impl Fn(usize) -> Vec<String>) -> std::io::Result<Agents> {
         let mut agents = Agents(Vec::new());
         for (index, node) in cluster.nodes.iter().enumerate() {
             let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
-            let mut args: Vec<String> = ["agent", "--node", &node.name, "--bpffs", &bpffs].map(String::from).to_vec();
+            let socket = agent_socket(cluster, index).to_string_lossy().to_string();
+            let mut args: Vec<String> =
+                ["agent", "--node", &node.name, "--bpffs", &bpffs, "--socket", &socket].map(String::from).to_vec();
             args.extend(source_args(index));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             agents.0.push(RunningAgent::new(cluster.spawn_on_node(index, binary, &args)?));
@@ -235,6 +240,12 @@ impl Drop for Agents {
 /// so only the empty directories remain on the machine; [`remove_mount_root`] deletes them.
 pub fn mount_root(cluster: &Cluster) -> String {
     format!("/run/netsieve-test-{}", cluster.id)
+}
+
+/// The node API socket of the agent of node `index`: one per agent, since several agents run
+/// on this machine (the default path would be shared).
+pub fn agent_socket(cluster: &Cluster, index: usize) -> std::path::PathBuf {
+    Path::new(&mount_root(cluster)).join(format!("sock-{index}")).join("agent.sock")
 }
 
 pub fn remove_mount_root(cluster: &Cluster) {

@@ -36,7 +36,8 @@ struct Cli {
 enum Task {
     /// Install toolchain components, Debian packages and bpf-linker (idempotent).
     Setup,
-    /// Build the eBPF programs and the agent in release mode: target/release/netsieve.
+    /// Build the eBPF programs, the agent and the CNI plugin in release mode:
+    /// target/release/netsieve and target/release/netsieve-cni.
     Build,
     /// Run setup, then every test (unit, semantics, BPF, CLI) and clippy.
     Test,
@@ -145,12 +146,14 @@ fn cargo(root: &Path) -> Command {
 }
 
 fn build(root: &Path) -> Result<()> {
-    run(cargo(root).args(["build", "--release", "--package", "netsieve", "--bin", "netsieve"]))?;
-    let binary = root.join("target/release/netsieve");
-    if !binary.is_file() {
-        bail!("build finished but {} is missing", binary.display());
+    run(cargo(root).args(["build", "--release", "--package", "netsieve", "--bin", "netsieve", "--bin", "netsieve-cni"]))?;
+    for name in ["netsieve", "netsieve-cni"] {
+        let binary = root.join("target/release").join(name);
+        if !binary.is_file() {
+            bail!("build finished but {} is missing", binary.display());
+        }
+        eprintln!("xtask: built {}", binary.display());
     }
-    eprintln!("xtask: built {}", binary.display());
     Ok(())
 }
 

@@ -2,9 +2,10 @@
 //! interface changes, reconcile (program, detach, attach), readiness, metrics snapshots and
 //! shutdown.
 use super::args::{AgentArgs, OnExit};
+use super::cni::{ParkedAdd, Registry};
 use super::dataplane::{Dataplane, read_drop_counters};
 use super::error::AgentError;
-use crate::controller::{Controller, ObjectEvent, ObjectKind};
+use crate::controller::{Controller, KubeObject, ObjectEvent, ObjectKind};
 use crate::dataplane::discovery::InterfaceIndex;
 use crate::dataplane::maps::KernelMaps;
 use crate::dataplane::sync::{Capacity, SyncError};
@@ -12,7 +13,8 @@ use crate::dir_watch::DirFingerprint;
 use crate::kube_source::Received;
 use crate::manifests;
 use crate::metrics::{DataplaneSnapshot, Metrics};
-use crate::policy::PodInfo;
+use crate::policy::{ClusterState, PodInfo};
+use k8s_openapi::api::core::v1::Pod;
 use netsieve_common::MAX_ENDPOINTS;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -22,20 +24,29 @@ use std::time::{Duration, Instant};
 type StepResult = Result<crate::dataplane::sync::SyncReport, SyncError>;
 
 pub(super) struct Agent {
-    args: AgentArgs,
+    pub(super) args: AgentArgs,
     pub(super) dataplane: Dataplane,
-    controller: Controller,
-    metrics: Arc<Metrics>,
+    pub(super) controller: Controller,
+    pub(super) metrics: Arc<Metrics>,
     /// Kinds whose initial list has been received (API mode).
-    listed: BTreeSet<ObjectKind>,
+    pub(super) listed: BTreeSet<ObjectKind>,
     /// Events held until every kind has been listed once.
     pending: Vec<Received>,
     /// When each unplaced bridged pod was last nudged.
     nudged: BTreeMap<String, Instant>,
     /// Manifests mode: the directory as last loaded, and whether one load succeeded.
     last_fingerprint: Option<DirFingerprint>,
-    manifests_loaded: bool,
+    pub(super) manifests_loaded: bool,
     last_resync: Instant,
+    /// Sandboxes the CNI plugin registered (see `cni`).
+    pub(super) cni: Registry,
+    /// CNI ADDs waiting for their Pod object.
+    pub(super) parked: Vec<ParkedAdd>,
+    /// API mode: the last Pod object of each local pod as the API server sent it, so that a
+    /// CNI ADD can re-apply it with the addresses the plugin gave.
+    pub(super) pod_objects: BTreeMap<String, Pod>,
+    /// Manifests mode: the state as last loaded, before CNI addresses were filled in.
+    pub(super) last_loaded: Option<ClusterState>,
 }
 
 impl Agent {
@@ -54,6 +65,10 @@ impl Agent {
             last_fingerprint: None,
             manifests_loaded: false,
             last_resync: Instant::now(),
+            cni: Registry::default(),
+            parked: Vec::new(),
+            pod_objects: BTreeMap::new(),
+            last_loaded: None,
         })
     }
 
@@ -80,15 +95,22 @@ impl Agent {
     }
 
     /// Runs one controller step against the kernel maps, with the current interface table.
-    fn run_step(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> StepResult {
+    /// A pod's interface is the one its CNI ADD registered (the runtime said so), else the one
+    /// discovery finds for its addresses.
+    pub(super) fn run_step(
+        &mut self,
+        step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult,
+    ) -> StepResult {
         let dp = &mut self.dataplane;
-        let interface_of = Dataplane::interface_of(&dp.interfaces);
+        let discovered = Dataplane::interface_of(&dp.interfaces);
+        let cni = &self.cni;
+        let interface_of = |pod: &PodInfo| cni.ifindex_of(&pod.key()).or_else(|| discovered(pod));
         step(&mut self.controller, &mut dp.maps, &interface_of)
     }
 
     /// A step that may change the endpoints: runs and records it, then detaches and attaches
     /// to match. Returns (the step succeeded, every programmed endpoint is attached).
-    fn reconcile(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> (bool, bool) {
+    pub(super) fn reconcile(&mut self, step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult) -> (bool, bool) {
         let result = self.run_step(step);
         let succeeded = result.is_ok();
         self.record(result);
@@ -109,7 +131,7 @@ impl Agent {
 
     /// Attaches to interfaces whose endpoint is programmed (so the first packet is judged by
     /// policy). Returns whether every programmed endpoint is attached.
-    fn attach_programmed(&mut self) -> bool {
+    pub(super) fn attach_programmed(&mut self) -> bool {
         let mut all = true;
         let live: Vec<(String, u32)> =
             self.controller.sync.live_endpoints().map(|(name, _, ifindex)| (name.to_string(), ifindex)).collect();
@@ -117,11 +139,17 @@ impl Agent {
             if self.dataplane.attachments.is_attached(ifindex) {
                 continue;
             }
-            let Some(link) = self.dataplane.interfaces.links.values().find(|l| l.ifindex == ifindex) else {
-                all = false;
-                continue;
+            // A registered interface may be newer than the last discovery report.
+            let name = match self.dataplane.interfaces.by_ifindex(ifindex) {
+                Some(link) => link.name.clone(),
+                None => match self.cni.interface_name(ifindex) {
+                    Some(name) => name.to_string(),
+                    None => {
+                        all = false;
+                        continue;
+                    }
+                },
             };
-            let name = link.name.clone();
             match self.dataplane.attachments.attach(&mut self.dataplane.ebpf, ifindex, &name) {
                 Ok(()) => tracing::info!(%pod, interface = %name, "enforcing"),
                 Err(error) => {
@@ -149,8 +177,70 @@ impl Agent {
         }
         let batch = std::mem::take(&mut self.pending);
         let Some(received) = batch.first().map(|(_, at)| *at) else { return };
-        let events: Vec<ObjectEvent> = batch.into_iter().map(|(event, _)| event).collect();
+        let mut events: Vec<ObjectEvent> = batch.into_iter().map(|(event, _)| event).collect();
+        for event in &mut events {
+            self.track_pods(event);
+        }
         self.reconcile(|controller, maps, interface_of| controller.apply_events(maps, events, received, interface_of));
+        self.resolve_parked();
+    }
+
+    /// Keeps the last Pod object of each local pod, fills in the addresses a CNI ADD gave to
+    /// Pod objects that have none yet, and forgets the registrations of deleted pods.
+    fn track_pods(&mut self, event: &mut ObjectEvent) {
+        let node = self.args.node.clone();
+        let track = |pods: &mut BTreeMap<String, Pod>, cni: &Registry, pod: &mut Pod| {
+            let key = format!(
+                "{}/{}",
+                pod.metadata.namespace.as_deref().unwrap_or("default"),
+                pod.metadata.name.as_deref().unwrap_or_default()
+            );
+            if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()) {
+                pods.insert(key, pod.clone());
+            } else {
+                pods.remove(&key);
+            }
+            cni.patch(pod);
+        };
+        match event {
+            ObjectEvent::Applied(KubeObject::Pod(pod)) => track(&mut self.pod_objects, &self.cni, pod),
+            ObjectEvent::Relisted(ObjectKind::Pod, objects) => {
+                let mut listed = BTreeSet::new();
+                for object in objects.iter_mut() {
+                    if let KubeObject::Pod(pod) = object {
+                        listed.insert(format!(
+                            "{}/{}",
+                            pod.metadata.namespace.as_deref().unwrap_or("default"),
+                            pod.metadata.name.as_deref().unwrap_or_default()
+                        ));
+                        track(&mut self.pod_objects, &self.cni, pod);
+                    }
+                }
+                self.pod_objects.retain(|key, _| listed.contains(key));
+            }
+            ObjectEvent::Deleted(ObjectKind::Pod, namespace, name) => {
+                let key = format!("{}/{name}", namespace.as_deref().unwrap_or("default"));
+                self.pod_objects.remove(&key);
+                if self.cni.remove(&key).is_some() {
+                    tracing::info!(pod = %key, "pod deleted: its CNI registration goes too");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Manifests mode: the last loaded state with CNI addresses filled in, programmed.
+    pub(super) fn replace_with_loaded(&mut self, received: Instant) -> bool {
+        let Some(mut state) = self.last_loaded.clone() else { return false };
+        for (key, registration) in self.cni.iter() {
+            if let Some(pod) = state.pods.get(key).filter(|p| p.ips.is_empty() && !p.host_network) {
+                let mut pod = pod.clone();
+                pod.ips = registration.ips.clone();
+                state.upsert_pod(pod);
+            }
+        }
+        let (succeeded, _) = self.reconcile(|controller, maps, interface_of| controller.replace(maps, state, received, interface_of));
+        succeeded
     }
 
     /// Manifests mode: reload the directory if it changed.
@@ -185,9 +275,10 @@ impl Agent {
             }
             return;
         }
-        let (succeeded, _) =
-            self.reconcile(|controller, maps, interface_of| controller.replace(maps, loaded.cluster_state(), received, interface_of));
+        self.last_loaded = Some(loaded.cluster_state());
+        let succeeded = self.replace_with_loaded(received);
         self.manifests_loaded |= succeeded;
+        self.resolve_parked();
     }
 
     /// Interfaces appeared, went or moved (reported by the discovery thread): reprogram the
@@ -195,6 +286,7 @@ impl Agent {
     pub(super) fn apply_interfaces(&mut self, interfaces: InterfaceIndex) {
         let received = Instant::now();
         self.dataplane.interfaces = interfaces;
+        self.forget_vanished_sandboxes();
         let (_, attached) =
             self.reconcile(|controller, maps, interface_of| controller.refresh_interfaces(maps, received, interface_of));
         self.update_readiness(attached);
@@ -228,8 +320,10 @@ impl Agent {
         }
     }
 
-    /// Every tick: the periodic full resync, attach retries, readiness.
+    /// Every tick: the periodic full resync, attach retries, readiness, CNI ADDs whose wait
+    /// for their Pod object is over.
     pub(super) fn periodic(&mut self) {
+        self.resolve_parked();
         self.nudge_unplaced_pods();
         let resync = Duration::from_secs(self.args.resync_interval);
         if !resync.is_zero() && self.last_resync.elapsed() >= resync {
@@ -246,7 +340,7 @@ impl Agent {
         self.update_readiness(attached);
     }
 
-    fn update_readiness(&mut self, attached: bool) {
+    pub(super) fn update_readiness(&mut self, attached: bool) {
         let synced = match &self.args.manifests {
             Some(_) => self.manifests_loaded,
             None => self.listed.len() == ObjectKind::ALL.len(),

@@ -1,4 +1,5 @@
 //! Command-line arguments of `netsieve agent` and `netsieve cleanup`.
+use crate::node_api::DEFAULT_SOCKET;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -37,6 +38,15 @@ pub struct AgentArgs {
     /// `netsieve cleanup`.
     #[arg(long, value_enum, default_value_t = OnExit::Detach)]
     pub on_exit: OnExit,
+    /// The node-local API socket (the `netsieve-cni` plugin, node commands): root-only, its
+    /// directory is created 0700.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// CNI ADD of a pod whose Pod object the agent does not know yet: milliseconds to wait for
+    /// it before answering with a fail-closed endpoint (everything but node traffic dropped
+    /// until the object arrives).
+    #[arg(long, default_value_t = 2000)]
+    pub cni_pod_wait_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -53,5 +63,15 @@ pub struct CleanupArgs {
     /// The agent's `--bpffs` (used when /sys/fs/bpf is not a bpffs).
     #[arg(long, default_value = "/run/netsieve/bpffs")]
     pub bpffs: PathBuf,
+    /// Where the `netsieve-cni` plugin binary was installed (removed).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The node's CNI configuration directory (the plugin is removed from its lists).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// Leave the plugin binary in place (pods added while netsieve was installed call it on
+    /// DEL; without an agent it answers success).
+    #[arg(long)]
+    pub keep_cni_binary: bool,
 }
 

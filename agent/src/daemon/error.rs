@@ -1,6 +1,8 @@
 //! The agent's error type.
 use crate::dataplane::attach::AttachError;
+use crate::cni::install::InstallError;
 use crate::dataplane::bpffs;
+use crate::dataplane::discovery::DiscoveryError;
 use crate::dataplane::kernel::KernelError;
 use crate::dataplane::maps::MapsError;
 use crate::dataplane::sync::SyncError;
@@ -33,6 +35,12 @@ pub enum AgentError {
     Cleanup { path: PathBuf, source: std::io::Error },
     #[error("async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("interface discovery: {0}")]
+    Discovery(#[from] DiscoveryError),
+    #[error("node API socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("CNI plugin installation: {0}")]
+    CniInstall(#[from] InstallError),
 }
 
 impl AgentError {
@@ -50,6 +58,9 @@ impl AgentError {
             AgentError::Signal(_) => "signal",
             AgentError::Cleanup { .. } => "cleanup",
             AgentError::Runtime(_) => "runtime",
+            AgentError::Discovery(_) => "discovery",
+            AgentError::Socket { .. } => "socket",
+            AgentError::CniInstall(_) => "cni_install",
         }
     }
 }

@@ -10,26 +10,30 @@
 //!
 //! Bad input never opens traffic: an unreadable manifest keeps the last good state, invalid
 //! policies fail closed, an API outage keeps enforcing the last known state. Metrics and
-//! health are served on `--metrics-addr`.
+//! health are served on `--metrics-addr`, the node-local API (the CNI plugin's requests) on
+//! `--socket`.
 //!
 //! - `args`: the command-line arguments; `error`: the error type.
 //! - `dataplane`: the kernel side (loaded programs, maps, pins, attachments, counters).
 //! - `agent`: the state machine driven by the loop in [`run`] (events, manifests, interfaces,
 //!   reconcile, readiness, shutdown).
-//! - `discovery`: the interface discovery thread; `http`: the metrics and health server.
+//! - `discovery`: the interface discovery thread (rtnetlink notifications); `http`: the
+//!   metrics and health server; `socket`: the node API server; `cni`: what the CNI plugin's
+//!   requests do to the agent.
 mod agent;
 mod args;
+mod cni;
 mod dataplane;
 mod discovery;
 mod error;
 mod http;
+mod socket;
 
 pub use args::{AgentArgs, CleanupArgs, OnExit};
 pub use dataplane::read_drop_counters;
 pub use error::AgentError;
 
 use crate::dataplane::bpffs;
-use crate::dataplane::discovery::InterfaceIndex;
 use crate::dir_watch::POLL_INTERVAL;
 use crate::kube_source::{self, Received};
 use crate::metrics::Metrics;
@@ -38,8 +42,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Detaches the links an agent left pinned and removes its pins. Returns the number of links.
+/// Uninstalls netsieve from this node: removes the CNI plugin from the node's CNI
+/// configuration (so no new pod waits for an agent) and its binary, then detaches the links an
+/// agent left pinned and removes its pins. Returns the number of links.
 pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
+    let removed = crate::cni::install::uninstall(&args.cni_bin_dir, &args.cni_conf_dir, args.keep_cni_binary)?;
+    for conflist in &removed.conflists_changed {
+        tracing::info!(conflist = %conflist.display(), "removed the netsieve-cni plugin from the CNI configuration");
+    }
+    if removed.binary_removed {
+        tracing::info!(dir = %args.cni_bin_dir.display(), "removed the netsieve-cni binary");
+    }
     let Some(dir) = bpffs::existing_pin_dir(&args.node, &args.bpffs) else {
         tracing::info!(node = %args.node, "nothing pinned for this node");
         return Ok(0);
@@ -49,7 +62,6 @@ pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
     tracing::info!(node = %args.node, links, dir = %dir.display(), "detached the programs and removed the pins");
     Ok(links)
 }
-
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -67,13 +79,15 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         http::serve_metrics(args.metrics_addr, metrics.clone()).await?;
         let counters_every = Duration::from_secs(args.counters_interval);
         let mut agent = Agent::start(args.clone(), metrics.clone())?;
-        // Interface tables are read by `ip`/`bridge` subprocesses on their own thread, so the
-        // agent loop never waits on them while events queue up.
-        match InterfaceIndex::read() {
-            Ok(interfaces) => agent.apply_interfaces(interfaces),
-            Err(error) => tracing::error!(%error, "cannot read interfaces yet; retrying"),
-        }
-        let mut links = discovery::spawn_discovery(agent.dataplane.interfaces.clone(), metrics.clone());
+        // Interfaces: one dump now, then rtnetlink notifications followed on a thread of their
+        // own, so the agent loop never waits on the kernel tables while events queue up.
+        let (interfaces, mut links) = discovery::spawn_discovery(metrics.clone())?;
+        agent.apply_interfaces(interfaces);
+        // Node API requests that need the agent's state come to this loop; the server answers
+        // bad input itself. A client waits at most the ADD's wait for a Pod object plus slack.
+        let (requests_tx, mut node_requests) = mpsc::channel::<socket::NodeRequest>(socket::QUEUE_DEPTH);
+        let answer_timeout = Duration::from_millis(args.cni_pod_wait_ms) + Duration::from_secs(10);
+        let socket_file = socket::serve(&args.socket, args.node.clone(), requests_tx, answer_timeout)?;
         let (events_tx, mut events) = mpsc::unbounded_channel::<Received>();
         let mut watchers = Vec::new();
         match &args.manifests {
@@ -110,6 +124,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     agent.apply_events(batch);
                 }
                 Some(interfaces) = links.recv() => agent.apply_interfaces(interfaces),
+                Some((request, reply)) = node_requests.recv() => agent.handle_node_request(request, reply),
                 _ = ticker.tick() => {
                     if let Some(dir) = args.manifests.clone() {
                         agent.poll_manifests(&dir);
@@ -132,6 +147,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         agent.log_counters();
         agent.shutdown();
+        socket_file.remove();
         Ok(())
     })
 }

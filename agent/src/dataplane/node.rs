@@ -312,6 +312,9 @@ pub struct NodeCompiler {
     failures: BTreeMap<String, Vec<EndpointFailure>>,
     /// Local selectable pods, with their interface index once known.
     local: BTreeMap<String, Option<u32>>,
+    /// Interfaces attached before their pod is known as a local pod with an address (CNI ADD
+    /// ahead of the Pod object), by pod key: programmed fail-closed until it is.
+    placeholders: BTreeMap<String, u32>,
 }
 
 impl NodeCompiler {
@@ -323,7 +326,32 @@ impl NodeCompiler {
             program: NodeProgram::default(),
             failures: BTreeMap::new(),
             local: BTreeMap::new(),
+            placeholders: BTreeMap::new(),
         }
+    }
+
+    /// Programs interface `ifindex` for pod `key` fail-closed (drops everything but node
+    /// traffic when node traffic is allowed) for as long as the pod is not a local pod with
+    /// an interface; `None` stops. The pod's own program, once it can be compiled, takes over
+    /// the same key.
+    pub fn set_placeholder(&mut self, state: &ClusterState, key: &str, ifindex: Option<u32>) -> Dirty {
+        match ifindex {
+            Some(ifindex) => self.placeholders.insert(key.to_string(), ifindex),
+            None => self.placeholders.remove(key),
+        };
+        let mut dirty = Dirty::default();
+        self.recompile_endpoint(state, key, &mut dirty);
+        dirty
+    }
+
+    /// Whether `key` is programmed as a placeholder (not from its pod's policies).
+    pub fn is_placeholder(&self, key: &str) -> bool {
+        self.placeholders.contains_key(key) && !matches!(self.local.get(key), Some(Some(_)))
+    }
+
+    /// Pod keys with a placeholder, and its interface.
+    pub fn placeholders(&self) -> impl Iterator<Item = (&String, &u32)> {
+        self.placeholders.iter()
     }
 
     pub fn program(&self) -> &NodeProgram {
@@ -365,6 +393,7 @@ impl NodeCompiler {
         let mut endpoints: BTreeSet<String> = self.local.keys().cloned().collect();
         self.local = selectable(state).filter(|p| self.is_local(p)).map(|p| (p.key(), interface_of(p))).collect();
         endpoints.extend(self.local.keys().cloned());
+        endpoints.extend(self.placeholders.keys().cloned());
         for key in endpoints {
             self.recompile_endpoint(state, &key, &mut dirty);
         }
@@ -516,6 +545,21 @@ impl NodeCompiler {
         let pod = state.pods.get(key).filter(|p| self.is_local(p));
         let (Some(pod), Some(ifindex)) = (pod, ifindex) else {
             self.failures.remove(key);
+            if let Some(&ifindex) = self.placeholders.get(key) {
+                let program = EndpointProgram {
+                    ifindex,
+                    allow_host: self.allow_host,
+                    fail_closed: true,
+                    ingress: DirectionEntries { isolated: true, ..Default::default() },
+                    egress: DirectionEntries { isolated: true, ..Default::default() },
+                    ..Default::default()
+                };
+                if self.program.endpoints.get(key) != Some(&program) {
+                    self.program.endpoints.insert(key.to_string(), program);
+                    dirty.endpoints.insert(key.to_string());
+                }
+                return;
+            }
             if self.program.endpoints.remove(key).is_some() {
                 dirty.endpoints.insert(key.to_string());
             }
@@ -841,5 +885,45 @@ mod tests {
         assert_eq!(state.policies, target.policies);
         assert_eq!(state.namespaces, target.namespaces);
         assert!(replace_state(&mut state, target).is_empty());
+    }
+
+    /// A placeholder programs its interface fail-closed until the pod is a local pod with an
+    /// interface; the pod's own program replaces it under the same key, and the placeholder
+    /// comes back if the pod goes while the placeholder stays.
+    #[test]
+    fn placeholders_fail_closed_until_the_pod_is_known() {
+        let mut state = ClusterState::default();
+        let mut compiler = NodeCompiler::new("node0", true);
+        let dirty = compiler.set_placeholder(&state, "ns/late", Some(42));
+        assert!(dirty.endpoints.contains("ns/late"));
+        let program = compiler.program().endpoints.get("ns/late").cloned().expect("placeholder programmed");
+        assert!(program.fail_closed && program.allow_host && program.ingress.isolated && program.egress.isolated);
+        assert_eq!(program.ifindex, 42);
+        assert!(compiler.is_placeholder("ns/late"));
+        // A full recompilation keeps it.
+        compiler.full(&state, &|_| None);
+        assert_eq!(compiler.program().endpoints.get("ns/late"), Some(&program));
+
+        let pod = PodInfo {
+            namespace: "ns".into(),
+            name: "late".into(),
+            labels: Default::default(),
+            ips: vec!["10.0.0.9".parse().expect("ip")],
+            node: Some("node0".into()),
+            host_network: false,
+            named_ports: vec![],
+            host_ips: vec![],
+        };
+        state.upsert_pod(pod.clone());
+        compiler.apply(&state, &[ClusterChange::Pod { old: None, new: Some(pod.clone()) }], &|_| Some(42));
+        let own = compiler.program().endpoints.get("ns/late").cloned().expect("pod programmed");
+        assert!(!own.fail_closed, "no policy selects the pod: its own program allows");
+        assert!(!compiler.is_placeholder("ns/late"));
+
+        let old = state.remove_pod("ns/late");
+        compiler.apply(&state, &[ClusterChange::Pod { old, new: None }], &|_| None);
+        assert_eq!(compiler.program().endpoints.get("ns/late"), Some(&program), "back to the placeholder");
+        compiler.set_placeholder(&state, "ns/late", None);
+        assert!(!compiler.program().endpoints.contains_key("ns/late"));
     }
 }
