@@ -24,7 +24,7 @@
 //! Decide by who produces the value:
 //! - Counted by the agent (an event it handles, an error it logs): add a field to [`Metrics`]
 //!   (`Family<YourLabels, Counter>`, `Histogram`, `Gauge`), register it in
-//!   `Metrics::default` with [`register`] (the one place that knows the registry), and add a
+//!   `Metrics::default` with `register` (the one place that knows the registry), and add a
 //!   method that records it (`pub fn reconcile_error(&self, kind)` is the model). Labels are a
 //!   `#[derive(EncodeLabelSet)]` struct: its fields, in order, are the label names.
 //! - Read from the kernel or the loop's state: add a field to [`DataplaneSnapshot`] (filled by
@@ -41,7 +41,7 @@
 //! Names start with `netsieve_`, carry base units (`_seconds`, `_bytes`) and use labels for
 //! dimensions. Counters are registered *without* `_total`: the encoder appends it (the crate
 //! panics in debug builds on a counter name ending in `_total`). Help texts passed to
-//! [`register`] have no final full stop (the crate adds one); help texts written by the
+//! `register` have no final full stop (the crate adds one); help texts written by the
 //! collector have it. A family with no series yet (a labelled counter nobody incremented) is
 //! left out of the exposition, as the Go client does.
 mod dataplane;
