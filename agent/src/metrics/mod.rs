@@ -8,7 +8,8 @@
 //! - **Live metrics**, for what the agent itself observes as it happens (a watch restart, a
 //!   reconcile error, a programming latency): a `prometheus-client` metric (`Family` of
 //!   `Counter`s, `Histogram`, `Gauge`) held in [`Metrics`], updated through a method of
-//!   [`Metrics`] by whichever task sees the event. They are atomics: no lock on the hot path.
+//!   [`Metrics`] by whichever task sees the event. Counters and gauges are atomics (a family
+//!   takes a read lock to find its series), so writers no longer share one mutex.
 //! - **Dataplane snapshot**, for what the kernel counts and the agent loop owns (drop counters,
 //!   per-endpoint counters, map occupancy, state sizes): only the agent loop touches kernel
 //!   maps, so it copies its readings into a [`DataplaneSnapshot`] and publishes it with
@@ -28,8 +29,12 @@
 //!   method that records it (`pub fn reconcile_error(&self, kind)` is the model). Labels are a
 //!   `#[derive(EncodeLabelSet)]` struct: its fields, in order, are the label names.
 //! - Read from the kernel or the loop's state: add a field to [`DataplaneSnapshot`] (filled by
-//!   the agent loop where it builds the snapshot) and one line in
-//!   `DataplaneCollector::encode` with `counter_family`, `gauge_family` or `gauge`.
+//!   the agent loop where it builds the snapshot, `Agent::snapshot` in the daemon) and one
+//!   line in `DataplaneCollector::encode` with `counter_family`, `gauge_family` or `gauge`,
+//!   mapping each entry to (labels, value). Labels whose values are borrowed from the
+//!   snapshot (pod, policy or rule names) are an array of `(name, value)` pairs, as
+//!   `EndpointLabels` is, because the derive takes no lifetime parameters; the crate escapes
+//!   the values.
 //!
 //! Either way add the name to `FAMILIES` in this module's tests (the list of exposed families
 //! is a stable interface: extend, never rename) and, if it is worth a panel, to
