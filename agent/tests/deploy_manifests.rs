@@ -7,8 +7,9 @@
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use promql_parser::parser::{Expr, LabelModifier, VectorSelector};
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -274,4 +275,238 @@ fn dockerfile_is_multi_stage_and_kind_config_parses() {
     assert_eq!(kind["apiVersion"].as_str(), Some("kind.x-k8s.io/v1alpha4"));
     let script = std::fs::read_to_string(deploy("kind/disable-kindnet-policy.sh")).expect("script");
     assert!(script.contains("--network-policy=false"));
+}
+
+/// The agent's exposition with a series in every family, rendered in-process: metric name
+/// (as sampled: `_total`, `_bucket`, ...) -> its label names.
+fn exposed_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    use netsieve::metrics::{DataplaneSnapshot, EndpointCounters, Metrics};
+    use std::time::Duration;
+    let metrics = Metrics::default();
+    metrics.observe_programming(Duration::from_millis(2));
+    metrics.reconcile_error("sync");
+    metrics.watch_restart("pods");
+    metrics.relist("pods");
+    metrics.event("pods");
+    metrics.invalid_object("NetworkPolicy", "invalid_policy");
+    let mut snapshot = DataplaneSnapshot {
+        drops: vec![("policy_denied", "ingress", 3)],
+        endpoint_count: 1,
+        policy_count: 1,
+        ..DataplaneSnapshot::default()
+    };
+    snapshot.endpoints.insert("default/nginx-1".into(), EndpointCounters { denied_packets: [3, 0], ..Default::default() });
+    snapshot.maps.insert("IPCACHE", (6, 65536));
+    metrics.set_dataplane(snapshot);
+    metrics.set_ready(true, "");
+    let text = metrics.render();
+    let mut exposed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let series = line.rsplit_once(' ').map(|(s, _)| s).unwrap_or_else(|| panic!("sample without value: {line}"));
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let names = exposed.entry(name.to_string()).or_default();
+        // The label values above contain no `",`, so splitting on it is exact.
+        for pair in labels.trim_end_matches('}').split("\",").filter(|p| !p.is_empty()) {
+            names.insert(pair.split_once('=').map(|(k, _)| k.to_string()).unwrap_or_else(|| panic!("label in {line}")));
+        }
+    }
+    exposed
+}
+
+/// Checks PromQL expressions against the agent's exposition with a real PromQL parser.
+struct PromqlChecker {
+    /// Exposed metric name -> its label names.
+    exposed: BTreeMap<String, BTreeSet<String>>,
+    /// Labels Prometheus adds to every series of a target.
+    target_labels: BTreeSet<String>,
+}
+
+impl PromqlChecker {
+    /// Parses `expr` (Grafana's interval variables replaced by a duration) and returns the
+    /// metrics it selects and the labels its result series carry, or what is wrong with it:
+    /// a syntax error, an unknown metric, or a matcher, `by`, `without`, `on` or `ignoring`
+    /// on a label its operand does not have.
+    fn check(&self, expr: &str) -> Result<(BTreeSet<String>, BTreeSet<String>), String> {
+        let mut promql = expr.to_string();
+        for variable in ["$__rate_interval", "$__interval", "$__range"] {
+            promql = promql.replace(variable, "5m");
+        }
+        let ast = promql_parser::parser::parse(&promql).map_err(|e| format!("does not parse: {e}"))?;
+        let mut metrics = BTreeSet::new();
+        let labels = self.result_labels(&ast, &mut metrics)?;
+        Ok((metrics, labels))
+    }
+
+    fn selector(&self, selector: &VectorSelector, metrics: &mut BTreeSet<String>) -> Result<BTreeSet<String>, String> {
+        let name = selector.name.clone().ok_or("a selector without a metric name")?;
+        let labels = self.exposed.get(&name).ok_or_else(|| format!("{name} is not exposed by the agent; it exposes {:?}", self.exposed.keys()))?;
+        let labels: BTreeSet<String> = labels.union(&self.target_labels).cloned().collect();
+        for matcher in selector.matchers.matchers.iter().chain(selector.matchers.or_matchers.iter().flatten()) {
+            if matcher.name != "__name__" && !labels.contains(&matcher.name) {
+                return Err(format!("{name} has no label {} (it has {labels:?})", matcher.name));
+            }
+        }
+        metrics.insert(name);
+        Ok(labels)
+    }
+
+    fn result_labels(&self, expr: &Expr, metrics: &mut BTreeSet<String>) -> Result<BTreeSet<String>, String> {
+        let known = |labels: &[String], operand: &BTreeSet<String>| match labels.iter().find(|l| !operand.contains(*l)) {
+            Some(l) => Err(format!("grouping or matching on {l}, which the operand does not have ({operand:?})")),
+            None => Ok(labels.iter().cloned().collect::<BTreeSet<String>>()),
+        };
+        Ok(match expr {
+            Expr::VectorSelector(selector) => self.selector(selector, metrics)?,
+            Expr::MatrixSelector(matrix) => self.selector(&matrix.vs, metrics)?,
+            Expr::Aggregate(aggregate) => {
+                if let Some(param) = &aggregate.param {
+                    self.result_labels(param, metrics)?;
+                }
+                let operand = self.result_labels(&aggregate.expr, metrics)?;
+                match &aggregate.modifier {
+                    Some(LabelModifier::Include(by)) => known(&by.labels, &operand)?,
+                    Some(LabelModifier::Exclude(without)) => &operand - &known(&without.labels, &operand)?,
+                    // topk and bottomk keep the series they pick; the others reduce to one.
+                    None if ["topk", "bottomk"].contains(&aggregate.op.to_string().as_str()) => operand,
+                    None => BTreeSet::new(),
+                }
+            }
+            Expr::Call(call) => {
+                let mut args = Vec::new();
+                for arg in &call.args.args {
+                    args.push(self.result_labels(arg, metrics)?);
+                }
+                match call.func.name {
+                    "histogram_quantile" => args.get(1).map(|a| a - &BTreeSet::from(["le".to_string()])).unwrap_or_default(),
+                    _ => args.into_iter().flatten().collect(),
+                }
+            }
+            Expr::Binary(binary) => {
+                let lhs = self.result_labels(&binary.lhs, metrics)?;
+                let rhs = self.result_labels(&binary.rhs, metrics)?;
+                let vector = if matches!(*binary.lhs, Expr::NumberLiteral(_)) { rhs.clone() } else { lhs.clone() };
+                match binary.modifier.as_ref().and_then(|m| m.matching.as_ref()) {
+                    Some(LabelModifier::Include(on)) => {
+                        known(&on.labels, &lhs)?;
+                        known(&on.labels, &rhs)?
+                    }
+                    Some(LabelModifier::Exclude(ignoring)) => &vector - &known(&ignoring.labels, &vector)?,
+                    None => vector,
+                }
+            }
+            Expr::Paren(paren) => self.result_labels(&paren.expr, metrics)?,
+            Expr::Unary(unary) => self.result_labels(&unary.expr, metrics)?,
+            Expr::Subquery(subquery) => self.result_labels(&subquery.expr, metrics)?,
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => BTreeSet::new(),
+        })
+    }
+}
+
+fn checker() -> PromqlChecker {
+    PromqlChecker { exposed: exposed_metrics(), target_labels: ["instance", "job"].map(String::from).into() }
+}
+
+#[test]
+fn promql_checker_catches_wrong_metrics_and_labels() {
+    let checker = checker();
+    let (metrics, labels) = checker
+        .check(r#"sum by (reason, direction) (rate(netsieve_drops_total{instance=~"$instance"}[$__rate_interval]))"#)
+        .expect("valid");
+    assert_eq!(metrics, ["netsieve_drops_total".to_string()].into());
+    assert_eq!(labels, ["direction", "reason"].map(String::from).into());
+    let (_, labels) = checker
+        .check(r#"histogram_quantile(0.9, sum by (le, instance) (rate(netsieve_policy_programming_duration_seconds_bucket[5m])))"#)
+        .expect("valid");
+    assert_eq!(labels, ["instance".to_string()].into());
+    for (wrong, why) in [
+        ("sum(rate(netsieve_drop_total[5m]))", "not exposed"),
+        ("sum by (cause) (rate(netsieve_drops_total[5m]))", "grouping or matching on cause"),
+        (r#"netsieve_endpoint_packets_total{verdikt="denied"}"#, "no label verdikt"),
+        ("netsieve_map_entries / on (table) netsieve_map_capacity", "grouping or matching on table"),
+        ("sum(rate(netsieve_drops_total[5m])", "does not parse"),
+    ] {
+        let error = checker.check(wrong).expect_err(wrong);
+        assert!(error.contains(why), "{wrong}: {error}");
+    }
+}
+
+#[test]
+fn grafana_dashboard_queries_metrics_the_agent_exposes() {
+    let text = std::fs::read_to_string(deploy("grafana/netsieve-dashboard.json")).expect("dashboard readable");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    assert!(dashboard["uid"].is_string() && dashboard["title"].is_string() && dashboard["schemaVersion"].is_u64());
+
+    // Importable anywhere: the data source is a variable of type datasource, and every panel
+    // and query uses it rather than a data source of the machine it was made on.
+    let variables = dashboard["templating"]["list"].as_array().expect("templating.list");
+    let datasource = variables.iter().find(|v| v["type"] == "datasource").expect("a datasource variable");
+    assert_eq!(datasource["query"], "prometheus");
+    let uses_variable = |ds: &serde_json::Value| ds["uid"] == format!("${{{}}}", datasource["name"].as_str().unwrap_or(""));
+
+    let checker = checker();
+    let mut used = BTreeSet::new();
+    for variable in variables.iter().filter(|v| v["type"] == "query") {
+        let name = &variable["name"];
+        assert!(uses_variable(&variable["datasource"]), "variable {name} has its own data source");
+        let query = variable["query"]["query"].as_str().or(variable["query"].as_str()).expect("variable query");
+        // Grafana's label_values(selector, label).
+        let (selector, label) = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(','))
+            .unwrap_or_else(|| panic!("variable {name}: label_values(selector, label) expected, got {query}"));
+        let (metrics, labels) = checker.check(selector).unwrap_or_else(|e| panic!("variable {name}: {selector}: {e}"));
+        let label = label.trim();
+        assert!(labels.contains(label), "variable {name}: {selector} has no label {label}");
+        used.extend(metrics);
+    }
+
+    let mut ids = BTreeSet::new();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = &panel["title"];
+        assert!(ids.insert(panel["id"].as_u64().expect("panel id")), "duplicate panel id {}", panel["id"]);
+        for key in ["h", "w", "x", "y"] {
+            assert!(panel["gridPos"][key].is_u64(), "panel {title} has no gridPos.{key}");
+        }
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert!(uses_variable(&panel["datasource"]), "panel {title} has its own data source");
+        let targets = panel["targets"].as_array().filter(|t| !t.is_empty()).unwrap_or_else(|| panic!("panel {title} queries nothing"));
+        for target in targets {
+            assert!(uses_variable(&target["datasource"]), "a query of {title} has its own data source");
+            let expr = target["expr"].as_str().unwrap_or_else(|| panic!("panel {title} has a query without expr"));
+            let (metrics, labels) = checker.check(expr).unwrap_or_else(|e| panic!("panel {title}: {expr}: {e}"));
+            assert!(!metrics.is_empty(), "panel {title}: {expr} queries no netsieve metric");
+            used.extend(metrics);
+            queries += 1;
+            // `{{label}}` in the legend must be a label of the result.
+            let legend = target["legendFormat"].as_str().unwrap_or("");
+            for label in legend.split("{{").skip(1).filter_map(|s| s.split_once("}}")).map(|(l, _)| l.trim()) {
+                assert!(labels.contains(label), "panel {title}: legend {{{{{label}}}}} is not a label of {expr} ({labels:?})");
+            }
+        }
+    }
+    assert!(queries >= 15, "only {queries} queries");
+    // What the dashboard is for: drops, per-pod verdicts, latency, map fill, state,
+    // control-plane errors and readiness.
+    for metric in [
+        "netsieve_drops_total",
+        "netsieve_endpoint_packets_total",
+        "netsieve_policy_programming_duration_seconds_bucket",
+        "netsieve_map_entries",
+        "netsieve_map_capacity",
+        "netsieve_endpoints",
+        "netsieve_endpoints_failed_closed",
+        "netsieve_pods_waiting_for_interface",
+        "netsieve_policies",
+        "netsieve_policies_invalid",
+        "netsieve_reconcile_errors_total",
+        "netsieve_api_watch_restarts_total",
+        "netsieve_api_relists_total",
+        "netsieve_ready",
+    ] {
+        assert!(used.contains(metric), "the dashboard shows no {metric}");
+    }
 }

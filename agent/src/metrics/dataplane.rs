@@ -1,0 +1,197 @@
+//! What the agent loop reads from the kernel and its own state, and the collector that
+//! encodes the last reading at scrape time (see the parent module for why).
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// Per-endpoint packet and byte counters, by direction (0 ingress, 1 egress).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub allowed_packets: [u64; 2],
+    pub allowed_bytes: [u64; 2],
+    pub denied_packets: [u64; 2],
+    pub denied_bytes: [u64; 2],
+}
+
+impl EndpointCounters {
+    pub fn add(&mut self, other: &EndpointCounters) {
+        for d in 0..2 {
+            self.allowed_packets[d] += other.allowed_packets[d];
+            self.allowed_bytes[d] += other.allowed_bytes[d];
+            self.denied_packets[d] += other.denied_packets[d];
+            self.denied_bytes[d] += other.denied_bytes[d];
+        }
+    }
+}
+
+/// What the agent loop reads from the kernel and its own state.
+#[derive(Clone, Debug, Default)]
+pub struct DataplaneSnapshot {
+    /// (reason, direction, packets).
+    pub drops: Vec<(&'static str, &'static str, u64)>,
+    /// By `namespace/pod`.
+    pub endpoints: BTreeMap<String, EndpointCounters>,
+    /// map name -> (entries, capacity).
+    pub maps: BTreeMap<&'static str, (usize, usize)>,
+    pub endpoint_count: usize,
+    pub endpoints_failed_closed: usize,
+    pub pods_waiting_for_interface: usize,
+    pub policy_count: usize,
+    pub invalid_policy_count: usize,
+    pub identity_count: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+/// namespace, pod, direction, verdict: pairs rather than a derived struct because the pod's
+/// names are borrowed from the snapshot (the derive takes no lifetime parameters).
+type EndpointLabels<'a> = [(&'static str, &'a str); 4];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+/// Holds the last published snapshot. Publishing swaps an `Arc`; a scrape clones it and
+/// encodes without holding the lock, so neither side waits on the other's work.
+#[derive(Clone, Debug, Default)]
+pub(super) struct DataplaneCollector {
+    latest: Arc<Mutex<Arc<DataplaneSnapshot>>>,
+}
+
+impl DataplaneCollector {
+    pub(super) fn publish(&self, snapshot: DataplaneSnapshot) {
+        // Replacing an Arc cannot leave it half-written, so a poisoned lock is used as is.
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+
+    fn latest(&self) -> Arc<DataplaneSnapshot> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let s = self.latest();
+        let e = &mut encoder;
+        counter_family(
+            e,
+            "netsieve_drops",
+            "Packets dropped by the eBPF programs on this node.",
+            s.drops.iter().map(|&(reason, direction, packets)| (DropLabels { direction, reason }, packets)),
+        )?;
+        counter_family(
+            e,
+            "netsieve_endpoint_packets",
+            "Packets judged per local endpoint.",
+            endpoint_series(&s.endpoints, |c, d| (c.allowed_packets[d], c.denied_packets[d])),
+        )?;
+        counter_family(
+            e,
+            "netsieve_endpoint_bytes",
+            "Bytes judged per local endpoint.",
+            endpoint_series(&s.endpoints, |c, d| (c.allowed_bytes[d], c.denied_bytes[d])),
+        )?;
+        gauge_family(
+            e,
+            "netsieve_map_entries",
+            "Entries in each BPF map as programmed by the agent.",
+            s.maps.iter().map(|(&map, &(entries, _))| (MapLabel { map }, entries)),
+        )?;
+        gauge_family(
+            e,
+            "netsieve_map_capacity",
+            "Maximum entries of each BPF map.",
+            s.maps.iter().map(|(&map, &(_, capacity))| (MapLabel { map }, capacity)),
+        )?;
+        gauge(e, "netsieve_endpoints", "Local pods programmed into the dataplane.", s.endpoint_count)?;
+        gauge(
+            e,
+            "netsieve_endpoints_failed_closed",
+            "Local pods programmed fail-closed (invalid policy, full maps).",
+            s.endpoints_failed_closed,
+        )?;
+        gauge(
+            e,
+            "netsieve_pods_waiting_for_interface",
+            "Local pods whose host interface is not found yet.",
+            s.pods_waiting_for_interface,
+        )?;
+        gauge(e, "netsieve_policies", "NetworkPolicies known to the agent.", s.policy_count)?;
+        gauge(
+            e,
+            "netsieve_policies_invalid",
+            "NetworkPolicies with errors (the pods they select fail closed).",
+            s.invalid_policy_count,
+        )?;
+        gauge(e, "netsieve_identities", "Distinct pod label sets (security identities).", s.identity_count)
+    }
+}
+
+/// The per-endpoint series of one family: for each pod, direction and verdict, the value
+/// `pick(counters, direction index)` returns as (allowed, denied).
+fn endpoint_series<'a>(
+    endpoints: &'a BTreeMap<String, EndpointCounters>,
+    pick: fn(&EndpointCounters, usize) -> (u64, u64),
+) -> impl Iterator<Item = (EndpointLabels<'a>, u64)> + 'a {
+    endpoints.iter().flat_map(move |(key, counters)| {
+        let (namespace, pod) = key.split_once('/').unwrap_or(("", key));
+        ["ingress", "egress"].into_iter().enumerate().flat_map(move |(d, direction)| {
+            let (allowed, denied) = pick(counters, d);
+            [("allowed", allowed), ("denied", denied)]
+                .map(|(verdict, value)| ([("namespace", namespace), ("pod", pod), ("direction", direction), ("verdict", verdict)], value))
+        })
+    })
+}
+
+/// A counter family from (labels, value) pairs; `name` without `_total`. A family without
+/// series is left out, as `prometheus-client` does for an empty `Family`.
+fn counter_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), fmt::Error> {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge family from (labels, value) pairs, left out without series.
+fn gauge_family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, usize)>,
+) -> Result<(), fmt::Error> {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A gauge without labels.
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: usize) -> Result<(), fmt::Error> {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
