@@ -23,8 +23,9 @@ use crate::kube_source::{self, KubeSourceError, Received};
 use crate::manifests;
 use crate::metrics::{DataplaneSnapshot, EndpointCounters, Metrics};
 use crate::policy::PodInfo;
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use netsieve_common::{EndpointStats, MAX_ENDPOINTS, REASON_COUNT, REASON_NAMES};
+use crate::dataplane::netfilter::{NetfilterLinks, NetfilterProgram};
+use aya::maps::{MapData, PerCpuArray};
+use netsieve_common::{CONFIG_NETFILTER_ACTIVE, EndpointStats, MAX_ENDPOINTS, REASON_COUNT, REASON_NAMES};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -91,7 +92,8 @@ pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
         tracing::info!(node = %args.node, "nothing pinned for this node");
         return Ok(0);
     };
-    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"));
+    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"))
+        + crate::dataplane::netfilter::remove_pinned_links(&dir.join("netfilter-links"));
     std::fs::remove_dir_all(&dir).map_err(|source| AgentError::Cleanup { path: dir.clone(), source })?;
     tracing::info!(node = %args.node, links, dir = %dir.display(), "detached the programs and removed the pins");
     Ok(links)
@@ -155,17 +157,13 @@ pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str,
     out
 }
 
-fn sum_stats(values: &aya::maps::PerCpuValues<EndpointStats>) -> EndpointCounters {
-    let mut total = EndpointCounters::default();
-    for v in values.iter() {
-        total.add(&EndpointCounters {
-            allowed_packets: v.allowed_packets,
-            allowed_bytes: v.allowed_bytes,
-            denied_packets: v.denied_packets,
-            denied_bytes: v.denied_bytes,
-        });
+fn counters_of(stats: &EndpointStats) -> EndpointCounters {
+    EndpointCounters {
+        allowed_packets: stats.allowed_packets,
+        allowed_bytes: stats.allowed_bytes,
+        denied_packets: stats.denied_packets,
+        denied_bytes: stats.denied_bytes,
     }
-    total
 }
 
 /// The kernel side: loaded programs, maps, attachments, interfaces.
@@ -173,7 +171,9 @@ struct Dataplane {
     ebpf: aya::Ebpf,
     maps: KernelMaps,
     drops: PerCpuArray<MapData, u64>,
-    stats: PerCpuHashMap<MapData, u32, EndpointStats>,
+    /// The netfilter program judging pod egress after DNAT, if this kernel runs it.
+    netfilter: Option<NetfilterProgram>,
+    netfilter_links: NetfilterLinks,
     attachments: Attachments,
     interfaces: InterfaceIndex,
     pin_dir: PathBuf,
@@ -188,7 +188,8 @@ impl Dataplane {
     fn load(args: &AgentArgs) -> Result<Dataplane, AgentError> {
         kernel::raise_memlock_rlimit();
         let pin_dir = bpffs::ensure_pin_dir(&args.node, &args.bpffs)?;
-        let (mut ebpf, reused) = kernel::load_with_state(&pin_dir)?;
+        let (loaded, reused) = kernel::load_with_state(&pin_dir)?;
+        let mut ebpf = loaded.ebpf;
         if reused {
             tracing::info!("reusing the pinned conntrack table: connections admitted before the restart keep flowing");
         }
@@ -205,21 +206,36 @@ impl Dataplane {
             .take_map("DROP_COUNTERS")
             .ok_or(MapsError::Missing("DROP_COUNTERS"))
             .and_then(|m| PerCpuArray::try_from(m).map_err(|source| MapsError::Layout { name: "DROP_COUNTERS", source }))?;
-        let stats = ebpf
-            .take_map("ENDPOINT_STATS")
-            .ok_or(MapsError::Missing("ENDPOINT_STATS"))
-            .and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| MapsError::Layout { name: "ENDPOINT_STATS", source }))?;
         Ok(Dataplane {
             ebpf,
             maps,
             drops,
-            stats,
+            netfilter: loaded.netfilter.ok(),
+            netfilter_links: NetfilterLinks::persistent(&pin_dir.join("netfilter-links")),
             attachments: Attachments::persistent(&pin_dir.join("links")),
             interfaces: InterfaceIndex::default(),
             pin_dir,
             counted_ids: BTreeMap::new(),
             retired: BTreeMap::new(),
         })
+    }
+
+    /// Attaches the netfilter program (once) and tells the TC programs they may defer egress
+    /// verdicts to it. Without it, TC judges egress on the address the pod used.
+    fn enable_netfilter(&mut self) {
+        let Some(program) = &self.netfilter else { return };
+        if self.netfilter_links.attached() {
+            return;
+        }
+        match self.netfilter_links.attach_all(program) {
+            Ok(()) => {
+                let config = self.maps.config();
+                if let Err(error) = self.maps.set_settings(config.flags | CONFIG_NETFILTER_ACTIVE, config.events_per_second, config.events_burst) {
+                    tracing::error!(%error, "cannot enable deferral to the netfilter program");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot attach the netfilter program: egress to Service addresses is judged on the address the pod used"),
+        }
     }
 
     fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {
@@ -232,10 +248,9 @@ impl Dataplane {
             if live.contains_key(id) {
                 continue;
             }
-            if let Ok(values) = self.stats.get(id, 0) {
-                self.retired.entry(pod.clone()).or_default().add(&sum_stats(&values));
+            if let Ok(stats) = self.maps.endpoint_stats(*id) {
+                self.retired.entry(pod.clone()).or_default().add(&counters_of(&stats));
             }
-            let _ = self.stats.remove(id);
         }
         let pods: BTreeSet<&String> = live.values().collect();
         self.retired.retain(|pod, _| pods.contains(pod));
@@ -245,8 +260,8 @@ impl Dataplane {
             if let Some(retired) = self.retired.get(pod) {
                 *entry = *retired;
             }
-            if let Ok(values) = self.stats.get(id, 0) {
-                entry.add(&sum_stats(&values));
+            if let Ok(stats) = self.maps.endpoint_stats(*id) {
+                entry.add(&counters_of(&stats));
             }
         }
         self.counted_ids = live.clone();
@@ -275,7 +290,8 @@ struct Agent {
 
 impl Agent {
     fn start(args: AgentArgs, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
-        let dataplane = Dataplane::load(&args)?;
+        let mut dataplane = Dataplane::load(&args)?;
+        dataplane.enable_netfilter();
         let controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
         tracing::info!(node = %args.node, pins = %dataplane.pin_dir.display(), "agent started");
         Ok(Agent {
@@ -513,6 +529,7 @@ impl Agent {
         maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity));
         maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr));
         maps.insert("POLICY_PORT", (counts.port, capacity.port));
+        maps.insert("POLICY_RANGE", (counts.port_range, capacity.port_range));
         let state = &self.controller.state;
         DataplaneSnapshot {
             drops: read_drop_counters(&self.dataplane.drops),
@@ -542,11 +559,13 @@ impl Agent {
         match self.args.on_exit {
             OnExit::Detach => {
                 self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
+                self.dataplane.netfilter_links.detach_all();
                 let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
                 tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
             }
             OnExit::Keep => {
-                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf);
+                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf)
+                    + self.dataplane.netfilter_links.keep_pinned();
                 tracing::info!(
                     interfaces, links, pins = %self.dataplane.pin_dir.display(),
                     "agent stopped: programs stay attached and enforce the last programmed state until the next agent takes over"

@@ -7,7 +7,7 @@
 //! compiled from the whole current state, so an incremental result always equals a full
 //! recompilation (tested on random change sequences).
 use super::compile::{
-    CompileError, DirectionEntries, DirectionInput, PeerInput, PortSetInput, RuleInput, compile_direction,
+    CompileError, DirectionInput, PeerInput, PortSetInput, RuleInput, RuleOrigin, compile_direction,
 };
 use super::lpm::{CidrSet, to_mapped};
 pub use super::sync::Dirty;
@@ -143,13 +143,15 @@ pub fn direction_input(state: &ClusterState, ids: &IdentityAllocator, pod: &PodI
     let mut input = DirectionInput::default();
     for policy in state.selecting(pod, direction) {
         input.isolated = true;
-        for rule in policy.rules(direction).unwrap_or_default() {
-            translate_rule(state, ids, pod, direction, &policy.namespace, rule, &mut input.rules);
+        for (rule_index, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
+            let origin = RuleOrigin { policy: policy.key(), rule_index };
+            translate_rule(state, ids, pod, direction, &policy.namespace, rule, origin, &mut input.rules);
         }
     }
     input
 }
 
+#[allow(clippy::too_many_arguments)]
 fn translate_rule(
     state: &ClusterState,
     ids: &IdentityAllocator,
@@ -157,6 +159,7 @@ fn translate_rule(
     direction: Direction,
     policy_namespace: &str,
     rule: &Rule,
+    origin: RuleOrigin,
     out: &mut Vec<RuleInput>,
 ) {
     let peers: Vec<PeerInput> = match &rule.peers {
@@ -192,7 +195,7 @@ fn translate_rule(
             .collect(),
     };
     let Some(ports) = &rule.ports else {
-        out.push(RuleInput { peers, ports: PortSetInput::AllProtocols });
+        out.push(RuleInput { peers, ports: PortSetInput::AllProtocols, origin });
         return;
     };
     let mut numeric = BTreeSet::new();
@@ -235,6 +238,7 @@ fn translate_rule(
                         out.push(RuleInput {
                             peers: vec![PeerInput::Addresses(addresses)],
                             ports: PortSetInput::Ranges([(protocol, port, port)].into()),
+                            origin: origin.clone(),
                         });
                     }
                 }
@@ -242,7 +246,7 @@ fn translate_rule(
         }
     }
     if !numeric.is_empty() {
-        out.push(RuleInput { peers, ports: PortSetInput::Ranges(numeric) });
+        out.push(RuleInput { peers, ports: PortSetInput::Ranges(numeric), origin });
     }
 }
 
@@ -301,11 +305,27 @@ pub fn replace_state(state: &mut ClusterState, target: ClusterState) -> Vec<Clus
     changes
 }
 
+/// Where audit mode applies: would-be policy drops pass, counted and reported as `audit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditMode {
+    /// Every local pod (`--audit`).
+    pub node_wide: bool,
+    /// Pods of these namespaces (annotated `netsieve.io/audit: "true"`).
+    pub namespaces: BTreeSet<String>,
+}
+
+impl AuditMode {
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.node_wide || self.namespaces.contains(namespace)
+    }
+}
+
 /// The compiled state of one node, kept up to date change by change.
 #[derive(Debug, Clone)]
 pub struct NodeCompiler {
     node: String,
     allow_host: bool,
+    audit: AuditMode,
     ids: IdentityAllocator,
     program: NodeProgram,
     /// Compilation failures by local pod.
@@ -319,6 +339,7 @@ impl NodeCompiler {
         NodeCompiler {
             node: node.to_string(),
             allow_host,
+            audit: AuditMode::default(),
             ids: IdentityAllocator::default(),
             program: NodeProgram::default(),
             failures: BTreeMap::new(),
@@ -328,6 +349,28 @@ impl NodeCompiler {
 
     pub fn program(&self) -> &NodeProgram {
         &self.program
+    }
+
+    pub fn audit(&self) -> &AuditMode {
+        &self.audit
+    }
+
+    /// Changes where audit mode applies; recompiles the local endpoints whose mode changed.
+    pub fn set_audit(&mut self, state: &ClusterState, audit: AuditMode) -> Dirty {
+        let mut dirty = Dirty::default();
+        let changed: Vec<String> = self
+            .local
+            .keys()
+            .filter(|key| {
+                state.pods.get(*key).is_some_and(|pod| self.audit.covers(&pod.namespace) != audit.covers(&pod.namespace))
+            })
+            .cloned()
+            .collect();
+        self.audit = audit;
+        for key in changed {
+            self.recompile_endpoint(state, &key, &mut dirty);
+        }
+        dirty
     }
 
     pub fn identities(&self) -> &IdentityAllocator {
@@ -526,7 +569,21 @@ impl NodeCompiler {
             tracing::error!(pod = %key, "local pod has no identity: endpoint fails closed");
             return;
         };
-        let mut program = EndpointProgram { ifindex, identity, allow_host: self.allow_host, ..Default::default() };
+        let mut program = EndpointProgram {
+            ifindex,
+            identity,
+            allow_host: self.allow_host,
+            audit: self.audit.covers(&pod.namespace),
+            ipv4: pod.ips.iter().find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+            ipv6: pod.ips.iter().find_map(|ip| match ip {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            }),
+            ..Default::default()
+        };
         let mut failures = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             let input = direction_input(state, &self.ids, pod, direction);
@@ -545,8 +602,7 @@ impl NodeCompiler {
             }
         }
         if program.fail_closed {
-            program.ingress = DirectionEntries { isolated: true, ..Default::default() };
-            program.egress = DirectionEntries { isolated: true, ..Default::default() };
+            program = program.failed_closed();
         }
         if failures.is_empty() {
             self.failures.remove(key);
