@@ -47,7 +47,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     kernel::raise_memlock_rlimit();
     let rss_start = rss_kib();
-    let mut ebpf = kernel::load()?;
+    let mut ebpf = kernel::load()?.ebpf;
     let mut maps = KernelMaps::take_from(&mut ebpf)?;
     let metrics = Arc::new(Metrics::default());
     let mut controller = Controller::new(NODE, true, Capacity::default(), metrics.clone());

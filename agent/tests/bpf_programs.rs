@@ -1,60 +1,101 @@
 //! The real eBPF programs, loaded into this kernel and run with `BPF_PROG_TEST_RUN` on crafted
-//! packets (needs root). Nothing is attached and nothing is sent: the kernel runs the program
-//! on an skb built from the frame, as if it arrived on loopback (ifindex 1).
+//! packets (needs root). Nothing is attached and nothing is sent: the kernel runs the TC
+//! programs on an skb built from the frame as if it were on loopback (ifindex 1), and the
+//! netfilter program on an IP packet with no conntrack entry, as if it entered by ifindex 0.
 use aya::Ebpf;
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use netsieve::dataplane::compile::{DirectionEntries, DirectionInput, PeerInput, PortSetInput, RuleInput, compile_direction};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use netsieve::dataplane::compile::{
+    DirectionEntries, DirectionInput, PeerInput, PortSetInput, RuleInput, RuleOrigin, compile_direction,
+};
 use netsieve::dataplane::kernel::{self, PROGRAM_FROM_POD, PROGRAM_TO_POD};
 use netsieve::dataplane::lpm::{CidrSet, to_mapped};
 use netsieve::dataplane::maps::KernelMaps;
+use netsieve::dataplane::netfilter::{self, NetfilterProgram, TEST_HOOK_POST_ROUTING};
 use netsieve::dataplane::node::{IdentityAllocator, compile_node};
 use netsieve::dataplane::packet::{Fragment, L4, PacketSpec, TCP_ACK, TCP_SYN, arp_frame};
 use netsieve::dataplane::sync::{Capacity, EndpointProgram, NodeProgram, PolicyMaps, Synchronizer};
-use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier};
-use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, Protocol, evaluate_direction};
+use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier_from};
+use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, PodInfo, Protocol, evaluate_direction};
 use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
-    EndpointStats, IpcacheValue, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN,
-    REASON_MALFORMED, REASON_NO_ENDPOINT, REASON_POLICY_DENIED,
+    CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN, REASON_MALFORMED, REASON_NO_ENDPOINT,
+    REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Loopback: BPF_PROG_TEST_RUN gives the skb this device when the context names ifindex 1.
 const LO: u32 = 1;
+/// The interface the netfilter test runner's skb claims to have entered by.
+const NF_IFINDEX: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+const NF_DROP: u32 = 0;
 
 struct Loaded {
     ebpf: Ebpf,
     maps: KernelMaps,
+    netfilter: NetfilterProgram,
     drops: PerCpuArray<MapData, u64>,
-    stats: PerCpuHashMap<MapData, u32, EndpointStats>,
+    audits: PerCpuArray<MapData, u64>,
+    event_counters: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
 }
 
 fn load() -> Loaded {
     kernel::raise_memlock_rlimit();
-    let mut ebpf = kernel::load().expect("programs load (run as root)");
-    let maps = KernelMaps::take_from(&mut ebpf).expect("policy maps");
+    let loaded = kernel::load().expect("programs load (run as root)");
+    let netfilter = loaded.netfilter.expect("the netfilter program loads on this kernel");
+    let mut ebpf = loaded.ebpf;
+    let maps = KernelMaps::take_from(&mut ebpf).expect("maps");
     let drops = PerCpuArray::try_from(ebpf.take_map("DROP_COUNTERS").expect("map")).expect("type");
-    let stats = PerCpuHashMap::try_from(ebpf.take_map("ENDPOINT_STATS").expect("map")).expect("type");
-    Loaded { ebpf, maps, drops, stats }
+    let audits = PerCpuArray::try_from(ebpf.take_map("AUDIT_COUNTERS").expect("map")).expect("type");
+    let event_counters = PerCpuArray::try_from(ebpf.take_map("EVENT_COUNTERS").expect("map")).expect("type");
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("map")).expect("type");
+    Loaded { ebpf, maps, netfilter, drops, audits, event_counters, events }
 }
 
 impl Loaded {
-    fn run(&mut self, program: &'static str, frame: &[u8]) -> u32 {
+    fn run(&mut self, program: &'static str, frame: &[u8], ingress_ifindex: u32) -> u32 {
         let classifier = kernel::classifier(&mut self.ebpf, program).expect("program");
-        run_classifier(classifier, frame, LO, 1).unwrap_or_else(|e| panic!("test run of {} bytes: {e}", frame.len())).return_value
+        run_classifier_from(classifier, frame, LO, ingress_ifindex, 1)
+            .unwrap_or_else(|e| panic!("test run of {} bytes: {e}", frame.len()))
+            .return_value
     }
     fn run_from_pod(&mut self, spec: &PacketSpec) -> u32 {
-        self.run(PROGRAM_FROM_POD, &spec.frame())
+        self.run(PROGRAM_FROM_POD, &spec.frame(), 0)
     }
     fn run_to_pod(&mut self, spec: &PacketSpec) -> u32 {
-        self.run(PROGRAM_TO_POD, &spec.frame())
+        self.run(PROGRAM_TO_POD, &spec.frame(), 0)
+    }
+    /// The netfilter program on an un-NATed packet from the endpoint at `ENDPOINTS[0]`.
+    fn netfilter(&self, spec: &PacketSpec) -> u32 {
+        let ipv6 = spec.src.is_ipv6();
+        netfilter::test_run(&self.netfilter, &spec.frame(), ipv6, TEST_HOOK_POST_ROUTING, 1).expect("netfilter test run").verdict
+    }
+    fn sum(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+        map.get(&index, 0).expect("counter").iter().sum()
     }
     fn drops(&self, reason: u32, direction: u8) -> u64 {
-        let values = self.drops.get(&(reason * 2 + direction as u32), 0).expect("counter");
-        values.iter().sum()
+        Self::sum(&self.drops, reason * 2 + direction as u32)
     }
-    /// Installs one endpoint program on loopback through the synchronizer.
+    fn audits(&self, reason: u32, direction: u8) -> u64 {
+        Self::sum(&self.audits, reason * 2 + direction as u32)
+    }
+    fn event_counter(&self, index: u32) -> u64 {
+        Self::sum(&self.event_counters, index)
+    }
+    fn drain_events(&mut self) -> Vec<VerdictEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            assert_eq!(item.len(), std::mem::size_of::<VerdictEvent>());
+            // SAFETY: the programs write whole VerdictEvents; read_unaligned copies it out.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<VerdictEvent>()) });
+        }
+        out
+    }
+    /// Installs one endpoint on loopback (and, for the netfilter program, at ifindex 0)
+    /// through the synchronizer.
     fn program_lo(&mut self, sync: &mut Synchronizer, program: EndpointProgram, ipcache: &[(&str, u32)]) {
         let mut node = NodeProgram::default();
         for (ip, identity) in ipcache {
@@ -63,6 +104,11 @@ impl Loaded {
         }
         node.endpoints.insert("test/pod".into(), EndpointProgram { ifindex: LO, ..program });
         sync.sync(&mut self.maps, &node).expect("sync");
+        let info = self.maps.endpoints.get(&LO, 0).expect("endpoint");
+        self.maps.set_endpoint(NF_IFINDEX, info).expect("endpoint for the netfilter runner");
+    }
+    fn settings(&mut self, flags: u32, events_per_second: u32, burst: u32) {
+        self.maps.set_settings(flags, events_per_second, burst).expect("settings");
     }
 }
 
@@ -74,12 +120,33 @@ fn tcp(src: &str, dst: &str, src_port: u16, dst_port: u16, flags: u8) -> PacketS
     PacketSpec::new(ip(src), ip(dst), L4::Tcp { src_port, dst_port, flags })
 }
 
+fn udp(src: &str, dst: &str, src_port: u16, dst_port: u16) -> PacketSpec {
+    PacketSpec::new(ip(src), ip(dst), L4::Udp { src_port, dst_port })
+}
+
+fn origin(rule_index: usize) -> RuleOrigin {
+    RuleOrigin { policy: "test/policy".into(), rule_index }
+}
+
 fn isolated(rules: Vec<RuleInput>) -> DirectionEntries {
     compile_direction(&DirectionInput { isolated: true, rules }).expect("compiles")
 }
 
 fn ranges(list: &[(u8, u16, u16)]) -> PortSetInput {
     PortSetInput::Ranges(list.iter().copied().collect())
+}
+
+/// The endpoint under test: 10.0.0.1 / fd00::1.
+fn pod(ingress: DirectionEntries, egress: DirectionEntries) -> EndpointProgram {
+    EndpointProgram {
+        identity: 400,
+        allow_host: true,
+        ipv4: Some(Ipv4Addr::new(10, 0, 0, 1)),
+        ipv6: Some("fd00::1".parse::<Ipv6Addr>().expect("ip")),
+        ingress,
+        egress,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -90,45 +157,45 @@ fn verdicts_counters_conntrack_and_fragments() {
     // Not programmed: fail closed, counted; ARP passes regardless.
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40000, 80, TCP_SYN)), RETURN_DROP);
     assert_eq!(k.drops(REASON_NO_ENDPOINT, 0), 1);
-    assert_eq!(k.run_to_pod(&PacketSpec::new(ip("10.0.0.2"), ip("10.0.0.1"), L4::Udp { src_port: 1, dst_port: 2 }).clone()), RETURN_DROP);
-    assert_eq!(k.run(PROGRAM_TO_POD, &arp_frame()), RETURN_PASS);
+    assert_eq!(k.run(PROGRAM_TO_POD, &arp_frame(), 0), RETURN_PASS);
 
     // Ingress: identity 300 on TCP 80, 10.0.0.0/8 except 10.1.0.0/16 on UDP 53,
-    // fd00::/64 on SCTP 1000-2000; everything from identity 301 (ICMP too).
+    // fd00::/64 on SCTP 1000-2000 (a large range: longest-prefix match), everything from
+    // identity 301 (ICMP too).
     let ingress = isolated(vec![
-        RuleInput { peers: vec![PeerInput::Identities([300].into())], ports: ranges(&[(PROTO_TCP, 80, 80)]) },
+        RuleInput { peers: vec![PeerInput::Identities([300].into())], ports: ranges(&[(PROTO_TCP, 80, 80)]), origin: origin(0) },
         RuleInput {
             peers: vec![PeerInput::Cidr(CidrSet {
                 net: to_mapped("10.0.0.0/8".parse().expect("cidr")),
                 except: vec![to_mapped("10.1.0.0/16".parse().expect("cidr"))],
             })],
             ports: ranges(&[(PROTO_UDP, 53, 53)]),
+            origin: origin(1),
         },
         RuleInput {
             peers: vec![PeerInput::Cidr(CidrSet { net: to_mapped("fd00::/64".parse().expect("cidr")), except: vec![] })],
             ports: ranges(&[(PROTO_SCTP, 1000, 2000)]),
+            origin: origin(2),
         },
-        RuleInput { peers: vec![PeerInput::Identities([301].into())], ports: PortSetInput::AllProtocols },
+        RuleInput { peers: vec![PeerInput::Identities([301].into())], ports: PortSetInput::AllProtocols, origin: origin(3) },
     ]);
-    let program = EndpointProgram { identity: 400, allow_host: true, ingress, ..Default::default() };
-    k.program_lo(&mut sync, program, &[("10.0.0.2", 300), ("10.0.0.3", 302), ("10.0.0.4", 301), ("10.0.0.9", 1)]);
+    k.program_lo(&mut sync, pod(ingress, DirectionEntries::default()), &[("10.0.0.2", 300), ("10.0.0.3", 302), ("10.0.0.4", 301), ("10.0.0.9", 1)]);
 
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_SYN)), RETURN_PASS);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 81, TCP_SYN)), RETURN_DROP);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 40003, 80, TCP_SYN)), RETURN_DROP);
-    let udp = |src: &str, port: u16| PacketSpec::new(ip(src), ip("10.0.0.1"), L4::Udp { src_port: 5353, dst_port: port });
-    assert_eq!(k.run_to_pod(&udp("10.0.0.3", 53)), RETURN_PASS, "CIDR rule admits any pod in the block");
-    assert_eq!(k.run_to_pod(&udp("10.1.2.3", 53)), RETURN_DROP, "except hole");
-    assert_eq!(k.run_to_pod(&udp("10.2.2.3", 54)), RETURN_DROP);
-    assert_eq!(k.run_to_pod(&udp("10.2.2.3", 53)), RETURN_PASS);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.3", "10.0.0.1", 5353, 53)), RETURN_PASS, "CIDR rule admits any pod in the block");
+    assert_eq!(k.run_to_pod(&udp("10.1.2.3", "10.0.0.1", 5353, 53)), RETURN_DROP, "except hole");
+    assert_eq!(k.run_to_pod(&udp("10.2.2.3", "10.0.0.1", 5353, 54)), RETURN_DROP);
+    assert_eq!(k.run_to_pod(&udp("10.2.2.3", "10.0.0.1", 5353, 53)), RETURN_PASS);
     let sctp = |port: u16| PacketSpec::new(ip("fd00::5"), ip("fd00::1"), L4::Sctp { src_port: 9, dst_port: port });
     assert_eq!(k.run_to_pod(&sctp(999)), RETURN_DROP);
     assert_eq!(k.run_to_pod(&sctp(1000)), RETURN_PASS);
     assert_eq!(k.run_to_pod(&sctp(2000)), RETURN_PASS);
     assert_eq!(k.run_to_pod(&sctp(2001)), RETURN_DROP);
-    let ping = |src: &str| PacketSpec::new(ip(src), ip("10.0.0.1"), L4::Icmp { icmp_type: 8, code: 0, id: 7 });
-    assert_eq!(k.run_to_pod(&ping("10.0.0.4")), RETURN_PASS, "all-protocols rule admits ICMP");
-    assert_eq!(k.run_to_pod(&ping("10.0.0.2")), RETURN_DROP, "ICMP never matches a port rule");
+    let ping = |src: &str, id: u16| PacketSpec::new(ip(src), ip("10.0.0.1"), L4::Icmp { icmp_type: 8, code: 0, id });
+    assert_eq!(k.run_to_pod(&ping("10.0.0.4", 7)), RETURN_PASS, "all-protocols rule admits ICMP");
+    assert_eq!(k.run_to_pod(&ping("10.0.0.2", 8)), RETURN_DROP, "ICMP never matches a port rule");
     // The node's own address (identity host) is allowed with allow_host.
     assert_eq!(k.run_to_pod(&tcp("10.0.0.9", "10.0.0.1", 40004, 9999, TCP_SYN)), RETURN_PASS);
     // IPv6 neighbour discovery always passes.
@@ -142,6 +209,8 @@ fn verdicts_counters_conntrack_and_fragments() {
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 443, 45000, TCP_SYN | TCP_ACK)), RETURN_PASS, "reply");
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 443, 45001, TCP_SYN | TCP_ACK)), RETURN_DROP);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 444, 45000, TCP_ACK)), RETURN_DROP);
+    // A SYN from the peer is a new connection, never a reply, whatever conntrack holds.
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 443, 45000, TCP_SYN)), RETURN_DROP);
 
     // Malformed: IPv4 and IPv6 packets cut inside the TCP header (their length fields then
     // point past the frame). A frame cut inside the IP header itself is refused by
@@ -152,7 +221,7 @@ fn verdicts_counters_conntrack_and_fragments() {
         cut.payload_len = 0;
         let frame = cut.frame();
         let header = if cut.src.is_ipv4() { 20 } else { 40 };
-        assert_eq!(k.run(PROGRAM_TO_POD, &frame[..14 + header + 10]), RETURN_DROP);
+        assert_eq!(k.run(PROGRAM_TO_POD, &frame[..14 + header + 10], 0), RETURN_DROP);
     }
     assert_eq!(k.drops(REASON_MALFORMED, 0), before + 2);
 
@@ -181,63 +250,233 @@ fn verdicts_counters_conntrack_and_fragments() {
     v6_later.fragment = Fragment::Later { id: 9, offset_units: 2 };
     assert_eq!(k.run_to_pod(&v6_later), RETURN_PASS);
 
-    // Revoking the rule cuts new packets of an existing flow at once.
-    let revoked = EndpointProgram { identity: 400, allow_host: true, ingress: isolated(vec![]), ..Default::default() };
-    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_ACK)), RETURN_PASS);
-    k.program_lo(&mut sync, revoked, &[("10.0.0.2", 300)]);
-    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_ACK)), RETURN_DROP);
-
     // Fail-closed endpoints drop everything but host traffic, counted apart.
-    let failed = EndpointProgram { identity: 400, allow_host: true, fail_closed: true, ..Default::default() };
+    let failed = EndpointProgram { fail_closed: true, ..pod(DirectionEntries::default(), DirectionEntries::default()) };
     k.program_lo(&mut sync, failed, &[("10.0.0.2", 300), ("10.0.0.9", 1)]);
     assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 45002, 80, TCP_SYN)), RETURN_DROP);
     assert_eq!(k.drops(REASON_FAIL_CLOSED, 1), 1);
     assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.9", 45003, 10250, TCP_SYN)), RETURN_PASS);
 
-    // Per-endpoint statistics moved.
-    let mut total = EndpointStats::default();
-    for (_, per_cpu) in k.stats.iter().flatten() {
-        for s in per_cpu.iter() {
-            for d in 0..2 {
-                total.allowed_packets[d] += s.allowed_packets[d];
-                total.denied_packets[d] += s.denied_packets[d];
-                total.denied_bytes[d] += s.denied_bytes[d];
-            }
-        }
-    }
-    assert!(total.allowed_packets[0] >= 10, "{total:?}");
-    assert!(total.denied_packets[0] >= 10, "{total:?}");
-    assert!(total.denied_bytes[0] > total.denied_packets[0] * 40, "{total:?}");
+    // Per-endpoint statistics moved (the slot of the current programming).
+    let slot = k.maps.endpoints.get(&LO, 0).expect("endpoint").endpoint_id;
+    let stats = k.maps.endpoint_stats(slot).expect("stats");
+    assert_eq!(stats.denied_packets[1], 1, "{stats:?}");
+    assert_eq!(stats.allowed_packets[1], 1, "{stats:?}");
     assert!(k.drops(REASON_POLICY_DENIED, 0) >= 10);
 }
 
-/// The loaded program agrees with the semantics module on every packet of many random
-/// clusters: IPv4 and IPv6, TCP, UDP, SCTP and ICMP, every rule kind.
 #[test]
-fn kernel_agrees_with_semantics_on_random_clusters() {
+fn pod_interfaces_drop_spoofed_sources() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    // No policy at all: spoofing is dropped whatever the policies say.
+    k.program_lo(&mut sync, pod(DirectionEntries::default(), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.2", 5000, 53)), RETURN_PASS, "own address");
+    assert_eq!(k.run_from_pod(&udp("10.0.0.7", "10.0.0.2", 5000, 53)), RETURN_DROP, "another pod's address");
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.7", "10.0.0.2", 5001, 80, TCP_SYN)), RETURN_DROP, "spoofed SYN");
+    assert_eq!(k.run_from_pod(&udp("fd00::1", "fd00::2", 5000, 53)), RETURN_PASS, "own IPv6 address");
+    assert_eq!(k.run_from_pod(&udp("fd00::9", "fd00::2", 5000, 53)), RETURN_DROP, "foreign IPv6 address");
+    assert_eq!(k.run_from_pod(&udp("fe80::1234", "fe80::1", 5000, 53)), RETURN_PASS, "link-local is the pod's own business");
+    assert_eq!(k.drops(REASON_SPOOFED, 1), 3);
+    // What the pod receives is not about its own source.
+    assert_eq!(k.run_to_pod(&udp("10.0.0.7", "10.0.0.1", 5000, 53)), RETURN_PASS);
+    let events = k.drain_events();
+    assert!(events.is_empty(), "events are off by default");
+    // With events on, a spoofed packet is reported under its reason.
+    k.settings(0, 1000, 100);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.8", "10.0.0.2", 5002, 53)), RETURN_DROP);
+    let events = k.drain_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].verdict, events[0].reason as u32, events[0].direction), (VERDICT_DROPPED, REASON_SPOOFED, 1));
+    assert_eq!(&events[0].src[12..], &[10, 0, 0, 8]);
+}
+
+#[test]
+fn established_flows_are_cut_when_their_rule_is_revoked_or_their_peer_relabelled() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let allow_300 = || {
+        isolated(vec![RuleInput {
+            peers: vec![PeerInput::Identities([300].into())],
+            ports: ranges(&[(PROTO_TCP, 80, 80)]),
+            origin: origin(0),
+        }])
+    };
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_SYN)), RETURN_PASS);
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 40001, TCP_SYN | TCP_ACK)), RETURN_PASS, "reply");
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_ACK)), RETURN_PASS, "established");
+    }
+    // The peer is relabelled (ipcache: another identity): its flow is cut at the next packet,
+    // in both directions.
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_ACK)), RETURN_DROP, "relabelled peer");
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 40001, TCP_ACK)), RETURN_PASS, "egress is not isolated");
+    // Back, then the rule is revoked: cut again.
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_SYN)), RETURN_PASS);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_ACK)), RETURN_PASS);
+    k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_ACK)), RETURN_DROP, "revoked rule");
+    // Replies of a flow whose egress is revoked are cut too.
+    let egress_to_300 = isolated(vec![RuleInput {
+        peers: vec![PeerInput::Identities([300].into())],
+        ports: ranges(&[(PROTO_UDP, 53, 53)]),
+        origin: origin(0),
+    }]);
+    k.program_lo(&mut sync, pod(DirectionEntries { isolated: true, ..Default::default() }, egress_to_300), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.2", 7000, 53)), RETURN_PASS);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7000)), RETURN_PASS, "reply admitted");
+    k.program_lo(&mut sync, pod(DirectionEntries { isolated: true, ..Default::default() }, isolated(vec![])), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7000)), RETURN_DROP, "reply of a revoked flow");
+}
+
+#[test]
+fn hairpin_and_self_traffic_are_always_allowed() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let deny_all = || DirectionEntries { isolated: true, ..Default::default() };
+    k.program_lo(&mut sync, pod(deny_all(), deny_all()), &[("10.0.0.9", 1), ("10.0.0.2", 300)]);
+    // The pod reaching itself through its Service comes back out of its own interface with a
+    // masqueraded source: allowed.
+    let hairpin = tcp("172.31.0.1", "10.0.0.1", 40000, 8080, TCP_SYN).frame();
+    assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, LO), RETURN_PASS);
+    assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, 77), RETURN_DROP, "the same packet from elsewhere");
+    // The netfilter hook sees the pod's packet to itself after DNAT: allowed.
+    assert_eq!(k.netfilter(&tcp("10.0.0.1", "10.0.0.1", 40000, 8080, TCP_SYN)), NF_ACCEPT);
+    assert_eq!(k.netfilter(&tcp("10.0.0.1", "10.0.0.2", 40000, 8080, TCP_SYN)), NF_DROP);
+}
+
+#[test]
+fn audit_mode_passes_counts_and_reports() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let deny_all = || DirectionEntries { isolated: true, ..Default::default() };
+    k.settings(0, 1000, 100);
+    let audited = EndpointProgram { audit: true, ..pod(deny_all(), deny_all()) };
+    k.program_lo(&mut sync, audited, &[("10.0.0.2", 300)]);
+    for sport in 0..3u16 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41000 + sport, 80, TCP_SYN)), RETURN_PASS);
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41000 + sport, 80, TCP_ACK)), RETURN_PASS);
+    }
+    assert_eq!(k.audits(REASON_POLICY_DENIED, 0), 6, "every would-be drop is counted");
+    assert_eq!(k.drops(REASON_POLICY_DENIED, 0), 0);
+    let events = k.drain_events();
+    assert_eq!(events.len(), 3, "one audit event per flow");
+    assert!(events.iter().all(|e| e.verdict == VERDICT_AUDIT && e.reason as u32 == REASON_POLICY_DENIED));
+    // Audit never excuses spoofing.
+    assert_eq!(k.run_from_pod(&udp("10.0.0.7", "10.0.0.2", 5000, 53)), RETURN_DROP);
+    // Enforcing again: the audited flow is cut at its next packet.
+    k.program_lo(&mut sync, pod(deny_all(), deny_all()), &[("10.0.0.2", 300)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41000, 80, TCP_ACK)), RETURN_DROP);
+}
+
+#[test]
+fn events_are_rate_limited_per_cpu_and_counters_stay_exact() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    k.program_lo(&mut sync, pod(DirectionEntries { isolated: true, ..Default::default() }, DirectionEntries::default()), &[]);
+    // A burst of 10 with a trickle of 1 per second: a flood of 500 drops yields about 10.
+    k.settings(0, 1, 10);
+    for sport in 0..500u16 {
+        assert_eq!(k.run_to_pod(&udp("10.9.9.9", "10.0.0.1", 1000 + sport, 53)), RETURN_DROP);
+    }
+    let emitted = k.drain_events().len() as u64;
+    assert!((10..=12).contains(&emitted), "{emitted} events");
+    assert_eq!(k.drops(REASON_POLICY_DENIED, 0), 500, "counters are exact whatever happens to events");
+    assert_eq!(k.event_counter(EVENTS_EMITTED), emitted);
+    assert_eq!(k.event_counter(EVENTS_RATE_LIMITED), 500 - emitted, "every event not emitted is counted");
+    // Allowed flows report only when asked to, once per flow.
+    let allow_any = isolated(vec![RuleInput { peers: vec![PeerInput::AnyAddress], ports: PortSetInput::AllProtocols, origin: origin(0) }]);
+    k.program_lo(&mut sync, pod(allow_any, DirectionEntries::default()), &[]);
+    k.settings(CONFIG_EVENTS_ALLOWED, 1000, 1000);
+    // The flood emptied the bucket; at 1000 per second it holds tokens again after 20 ms.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    for _ in 0..5 {
+        assert_eq!(k.run_to_pod(&udp("10.9.9.9", "10.0.0.1", 999, 53)), RETURN_PASS);
+    }
+    let events = k.drain_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].verdict, VERDICT_ALLOWED);
+    assert_ne!(events[0].rule_index, u32::MAX, "the admitting rule is named");
+    // Per-rule counters count every packet of the flow.
+    let stats = k.maps.rule_stats(events[0].rule_index).expect("rule stats");
+    assert_eq!(stats.packets, 5);
+}
+
+#[test]
+fn deferred_egress_is_judged_by_the_netfilter_program_on_the_backend() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    k.settings(CONFIG_NETFILTER_ACTIVE, 0, 0);
+    // Egress allowed to identity 300 on UDP 53 only.
+    let egress = isolated(vec![RuleInput {
+        peers: vec![PeerInput::Identities([300].into())],
+        ports: ranges(&[(PROTO_UDP, 53, 53)]),
+        origin: origin(0),
+    }]);
+    k.program_lo(&mut sync, pod(DirectionEntries { isolated: true, ..Default::default() }, egress), &[("10.0.0.2", 300), ("10.0.0.3", 301)]);
+    // To a Service address (unknown to the ipcache): TC defers, passes the packet, counts
+    // nothing as denied.
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.96.0.10", 6000, 53)), RETURN_PASS);
+    assert_eq!(k.drops(REASON_POLICY_DENIED, 1), 0);
+    // To a known pod: TC decides itself.
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.3", 6001, 53)), RETURN_DROP);
+    // Without netfilter, TC judges the Service address as what it is (world): denied.
+    k.settings(0, 0, 0);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.96.0.10", 6002, 53)), RETURN_DROP);
+    // The netfilter program on the translated packet: the backend decides.
+    assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.2", 6000, 53)), NF_ACCEPT, "allowed backend");
+    assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.3", 6000, 53)), NF_DROP, "denied backend");
+    assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.2", 6000, 54)), NF_DROP, "allowed backend, other targetPort");
+    assert_eq!(k.drops(REASON_POLICY_DENIED, 1), 4);
+}
+
+/// What one random cluster asks of the kernel: for every pod, every peer, protocol, port and
+/// direction, the TC verdict (and for egress the netfilter program's) against the semantics
+/// module; then sequences of packets of allowed flows across a policy change and a peer
+/// relabel.
+#[test]
+fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
     let mut k = load();
     let mut packets = 0usize;
+    let mut netfilter_packets = 0usize;
+    let mut sequences = 0usize;
     let mut disagreements = Vec::new();
     let mut source_port: u16 = 40000;
+    let mut next_port = || {
+        source_port = if source_port >= 60000 { 40000 } else { source_port + 1 };
+        source_port
+    };
     for seed in 0..40u64 {
         let params = ScenarioParams { namespaces: 3, pods_per_namespace: 4, policies: 6, nodes: 2 };
         let scenario = Scenario::generate(1000 + seed, params).expect("scenario");
+        let other = Scenario::generate(5000 + seed, params).expect("scenario");
         let state = ClusterState::new(&scenario.namespaces, &scenario.pods, &scenario.policies, &[]);
         let mut ids = IdentityAllocator::default();
-        // Every pod is programmed under a stand-in ifindex; the one under test is pointed at
-        // loopback before its packets run (endpoints are keyed by id, so this is one update).
-        let stand_in: BTreeMap<String, u32> =
-            state.pods.values().enumerate().map(|(i, p)| (p.key(), 1000 + i as u32)).collect();
-        let mut node = NodeProgram::default();
-        for name in ["node0", "node1"] {
-            let compiled = compile_node(&state, &mut ids, name, true, &|p| stand_in.get(&p.key()).copied());
-            assert!(compiled.failures.is_empty());
-            node.ipcache.extend(compiled.program.ipcache);
-            node.endpoints.extend(compiled.program.endpoints);
-        }
         let mut sync = Synchronizer::with_capacity(Capacity::default());
-        sync.sync(&mut k.maps, &node).expect("sync");
-
+        let program_all = |state: &ClusterState, ids: &mut IdentityAllocator, sync: &mut Synchronizer, maps: &mut KernelMaps| {
+            // Every pod is programmed under a stand-in ifindex; the one under test is pointed at
+            // loopback (and ifindex 0) before its packets run.
+            let stand_in: BTreeMap<String, u32> =
+                state.pods.values().enumerate().map(|(i, p)| (p.key(), 1000 + i as u32)).collect();
+            let mut node = NodeProgram::default();
+            for name in ["node0", "node1"] {
+                let compiled = compile_node(state, ids, name, true, &|p| stand_in.get(&p.key()).copied());
+                assert!(compiled.failures.is_empty());
+                node.ipcache.extend(compiled.program.ipcache);
+                node.endpoints.extend(compiled.program.endpoints);
+            }
+            sync.sync(maps, &node).expect("sync");
+            stand_in
+        };
+        let stand_in = program_all(&state, &mut ids, &mut sync, &mut k.maps);
+        let point_at = |k: &mut Loaded, fake: u32| {
+            let info = k.maps.endpoints.get(&fake, 0).expect("endpoint programmed");
+            k.maps.set_endpoint(LO, info).expect("loopback");
+            k.maps.set_endpoint(NF_IFINDEX, info).expect("netfilter stand-in");
+        };
         let mut peers: Vec<FlowEndpoint> = Vec::new();
         for pod in state.pods.values() {
             for ip in &pod.ips {
@@ -245,13 +484,16 @@ fn kernel_agrees_with_semantics_on_random_clusters() {
             }
         }
         peers.extend(scenario.outside_ips.iter().map(|ip| FlowEndpoint { ip: *ip, pod: None }));
+        // Allowed flows, for the sequences below: (pod, direction, spec).
+        let mut allowed_flows: Vec<(String, Direction, PacketSpec, Flow)> = Vec::new();
         for pod in state.pods.values() {
-            let fake = stand_in[&pod.key()];
-            let info = k.maps.endpoints.get(&fake, 0).expect("endpoint programmed");
-            k.maps.set_endpoint(LO, info).expect("point loopback at the pod");
+            point_at(&mut k, stand_in[&pod.key()]);
             for own_ip in &pod.ips {
                 let own = FlowEndpoint { ip: *own_ip, pod: Some(pod.key()) };
                 for peer in peers.iter().filter(|p| p.ip.is_ipv4() == own_ip.is_ipv4()) {
+                    if peer.pod == own.pod {
+                        continue;
+                    }
                     for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Icmp] {
                         let ports: &[u16] = if protocol == Protocol::Icmp { &[0] } else { INTERESTING_PORTS };
                         for &port in ports {
@@ -260,34 +502,28 @@ fn kernel_agrees_with_semantics_on_random_clusters() {
                                     Direction::Egress => (own.clone(), peer.clone()),
                                     Direction::Ingress => (peer.clone(), own.clone()),
                                 };
-                                // Unique source ports keep earlier flows from looking like
-                                // replies (conntrack is part of the program under test).
-                                source_port = if source_port >= 60000 { 40000 } else { source_port + 1 };
-                                let l4 = match protocol {
-                                    Protocol::Tcp => L4::Tcp { src_port: source_port, dst_port: port, flags: TCP_SYN },
-                                    Protocol::Udp => L4::Udp { src_port: source_port, dst_port: port },
-                                    Protocol::Sctp => L4::Sctp { src_port: source_port, dst_port: port },
-                                    Protocol::Icmp => L4::Icmp {
-                                        icmp_type: if own_ip.is_ipv4() { 8 } else { 128 },
-                                        code: 0,
-                                        id: source_port,
-                                    },
-                                };
-                                let spec = PacketSpec::new(src.ip, dst.ip, l4);
+                                let sport = next_port();
+                                let spec = PacketSpec::new(src.ip, dst.ip, l4(protocol, sport, port, own_ip.is_ipv4(), TCP_SYN));
                                 let flow = Flow { src, dst, protocol, port };
                                 let expected = evaluate_direction(&state, &flow, direction).allowed;
-                                let got = match direction {
+                                let got = verdict(match direction {
                                     Direction::Egress => k.run_from_pod(&spec),
                                     Direction::Ingress => k.run_to_pod(&spec),
-                                };
-                                let got = match got {
-                                    RETURN_PASS => true,
-                                    RETURN_DROP => false,
-                                    other => panic!("unexpected return value {other}"),
-                                };
+                                });
                                 packets += 1;
                                 if got != expected {
-                                    disagreements.push(format!("seed {seed} {direction:?} {flow:?}: kernel {got}"));
+                                    disagreements.push(format!("seed {seed} TC {direction:?} {flow:?}: kernel {got}"));
+                                }
+                                if direction == Direction::Egress {
+                                    // The same flow as the netfilter hook sees it after DNAT.
+                                    let nf = k.netfilter(&PacketSpec::new(flow.src.ip, flow.dst.ip, l4(protocol, next_port(), port, own_ip.is_ipv4(), TCP_SYN))) == NF_ACCEPT;
+                                    netfilter_packets += 1;
+                                    if nf != expected {
+                                        disagreements.push(format!("seed {seed} netfilter {flow:?}: kernel {nf}"));
+                                    }
+                                }
+                                if expected && protocol != Protocol::Icmp && allowed_flows.len() < 40 && port % 2 == 0 {
+                                    allowed_flows.push((pod.key(), direction, spec, flow));
                                 }
                             }
                         }
@@ -295,10 +531,84 @@ fn kernel_agrees_with_semantics_on_random_clusters() {
                 }
             }
         }
+        // Sequences: each allowed flow's next packets, after the cluster changes to `other`'s
+        // labels and policies (pods keep their addresses), judged against the new state.
+        let mut changed = state.clone();
+        for (key, pod) in state.pods.iter() {
+            if let Some(twin) = other.pods.iter().map(PodInfo::from_object).find(|p| p.key() == *key) {
+                let mut relabelled = pod.clone();
+                relabelled.labels = twin.labels;
+                changed.upsert_pod(relabelled);
+            }
+        }
+        for policy in other.policies.iter().take(3) {
+            changed.upsert_policy(netsieve::policy::CompiledPolicy::compile(policy));
+        }
+        let changed_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
+        assert_eq!(stand_in, changed_stand_in);
+        for (key, direction, spec, flow) in &allowed_flows {
+            point_at(&mut k, stand_in[key]);
+            // The next packet of the flow (an ACK, not a new connection), then its reply.
+            let mut next = spec.clone();
+            if let L4::Tcp { flags, .. } = &mut next.l4 {
+                *flags = TCP_ACK;
+            }
+            let expected = evaluate_direction(&changed, flow, *direction).allowed;
+            let got = verdict(match direction {
+                Direction::Egress => k.run_from_pod(&next),
+                Direction::Ingress => k.run_to_pod(&next),
+            });
+            sequences += 1;
+            if got != expected {
+                disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after the change"));
+            }
+        }
+        // A restart: a new agent (new synchronizer, its own revisions) programs the same state;
+        // the flows' next packets are judged again and still agree.
+        sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
+        let mut sync = Synchronizer::with_capacity(Capacity::default());
+        let restarted_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
+        for (key, direction, spec, flow) in &allowed_flows {
+            point_at(&mut k, restarted_stand_in[key]);
+            let mut next = spec.clone();
+            if let L4::Tcp { flags, .. } = &mut next.l4 {
+                *flags = TCP_ACK;
+            }
+            let expected = evaluate_direction(&changed, flow, *direction).allowed;
+            let got = verdict(match direction {
+                Direction::Egress => k.run_from_pod(&next),
+                Direction::Ingress => k.run_to_pod(&next),
+            });
+            sequences += 1;
+            if got != expected {
+                disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after a restart"));
+            }
+        }
         // Clean maps for the next cluster: an empty node program removes every entry.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
     }
-    println!("differential: {packets} packets run in the kernel, {} disagreements", disagreements.len());
-    assert!(disagreements.is_empty(), "{} disagreements, first: {:?}", disagreements.len(), &disagreements[..disagreements.len().min(5)]);
+    println!(
+        "differential: {packets} TC packets, {netfilter_packets} netfilter packets, {sequences} flow sequences run in the kernel, {} disagreements",
+        disagreements.len()
+    );
+    assert!(disagreements.is_empty(), "{} disagreements, first: {:#?}", disagreements.len(), &disagreements[..disagreements.len().min(5)]);
     assert!(packets >= 100_000, "only {packets} packets");
+    assert!(sequences >= 400, "only {sequences} sequences");
+}
+
+fn l4(protocol: Protocol, sport: u16, port: u16, ipv4: bool, tcp_flags: u8) -> L4 {
+    match protocol {
+        Protocol::Tcp => L4::Tcp { src_port: sport, dst_port: port, flags: tcp_flags },
+        Protocol::Udp => L4::Udp { src_port: sport, dst_port: port },
+        Protocol::Sctp => L4::Sctp { src_port: sport, dst_port: port },
+        Protocol::Icmp => L4::Icmp { icmp_type: if ipv4 { 8 } else { 128 }, code: 0, id: sport },
+    }
+}
+
+fn verdict(return_value: u32) -> bool {
+    match return_value {
+        RETURN_PASS => true,
+        RETURN_DROP => false,
+        other => panic!("unexpected return value {other}"),
+    }
 }

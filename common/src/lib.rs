@@ -4,23 +4,28 @@
 //! exactly the one userspace writes. The `user` feature adds `aya::Pod` so userspace can put
 //! them in maps; the eBPF side builds without it.
 //!
-//! # Lookup design (fixed number of lookups per packet)
+//! # Per-packet design (docs/DATAPATH.md has the full account)
 //!
-//! For a packet seen on a local pod's host-side veth, with `peer` the remote address:
-//! 1. `ENDPOINTS[ifindex]` -> endpoint id, isolation flags.
-//! 2. `IPCACHE` (LPM over the peer IP) -> numeric identity of the peer's label set (0 = world).
-//! 3. `POLICY_IDENTITY[(endpoint, direction, identity)]` -> bitmask of rule groups whose
-//!    pod/namespace selectors admit that identity.
-//! 4. `POLICY_CIDR` (LPM over endpoint, direction, peer IP) -> bitmask of rule groups whose
-//!    ipBlocks (flattened with their excepts in userspace) or "any peer" admit that IP.
-//! 5. `POLICY_PORT` (LPM over endpoint, direction, protocol, port prefix) -> bitmask of rule
-//!    groups whose port set contains the destination port (endPort ranges become prefixes).
+//! For a packet seen on a local pod's host-side veth (TC) or after kube-proxy's DNAT
+//! (netfilter), with `peer` the remote address:
+//! 1. `ENDPOINTS[ifindex]` -> the endpoint: its slot, flags, revision, own addresses.
+//! 2. `CONNTRACK[canonical flow key]` -> a flow allowed earlier on this interface. While the
+//!    endpoint's revision and the global ipcache generation are the ones the flow was allowed
+//!    under, every packet of the flow, either direction, passes on this one lookup (the fast
+//!    path). Any reprogramming of the endpoint or any ipcache change makes the entry stale, and
+//!    its next packet is judged again, so revoking a rule or relabelling a peer cuts existing
+//!    flows at their next packet.
+//! 3. A new (or stale) flow: `IPCACHE[peer]` -> the peer's identity (0 = world), then
+//!    `POLICY_IDENTITY[(slot, direction, identity)]` | the endpoint's any-peer bits |
+//!    (only if the endpoint has ipBlocks) `POLICY_CIDR` LPM -> peer bits;
+//!    `POLICY_PORT[(slot, direction, protocol, port)]`, falling back to the protocol's wildcard
+//!    entry (port 0) and (only if the endpoint has large port ranges) `POLICY_PORT_RANGE` LPM
+//!    -> port bits. The flow is allowed when `peer bits & port bits != 0`; the lowest common
+//!    bit names the rule group that admitted it (per-rule counters, events).
 //!
-//! The packet is allowed in a direction when the direction is not isolated, or when
-//! `(identity_mask | cidr_mask) & port_mask != 0`. A rule group is a set of NetworkPolicy rules
-//! that share one port set, so at most [`MAX_RULE_GROUPS`] distinct port sets per endpoint and
-//! direction; more is a compile error that fails the endpoint closed.
-#![no_std]
+//! A rule group is one NetworkPolicy rule (or, past [`MAX_RULE_GROUPS`] rules, the rules that
+//! share one port set); more distinct port sets than that fail the endpoint closed.
+#![cfg_attr(not(test), no_std)]
 
 /// Direction of a policy check, from the local pod's point of view.
 pub const DIRECTION_INGRESS: u8 = 0;
@@ -33,7 +38,7 @@ pub const PROTO_UDP: u8 = 17;
 pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_SCTP: u8 = 132;
 
-/// Identity of any address the ipcache does not know (outside the cluster).
+/// Identity of any address the ipcache does not know (outside the cluster, Service IPs).
 pub const IDENTITY_WORLD: u32 = 0;
 /// Identity of the local node's own addresses (kubelet probes, host-network pods).
 pub const IDENTITY_HOST: u32 = 1;
@@ -48,24 +53,48 @@ pub const EP_INGRESS_ISOLATED: u32 = 1 << 0;
 /// `EndpointInfo::flags`: egress from this pod is isolated by at least one policy.
 pub const EP_EGRESS_ISOLATED: u32 = 1 << 1;
 /// `EndpointInfo::flags`: the agent could not program this endpoint's policy (map full,
-/// too many rule groups, bad input). Everything except host traffic is dropped and counted.
+/// too many rule groups, bad input, Pod object not known yet). Everything except host
+/// traffic is dropped and counted.
 pub const EP_FAIL_CLOSED: u32 = 1 << 2;
 /// `EndpointInfo::flags`: traffic between the pod and its own node is allowed
 /// (Kubernetes' stated exception, kubelet probes).
 pub const EP_ALLOW_HOST: u32 = 1 << 3;
+/// `EndpointInfo::flags`: audit mode. Packets policy would drop pass, are counted under
+/// `AUDIT_COUNTERS` and reported as `audit` events.
+pub const EP_AUDIT: u32 = 1 << 4;
+/// `EndpointInfo::flags`: `ipv4` holds the pod's IPv4 address.
+pub const EP_HAS_IPV4: u32 = 1 << 5;
+/// `EndpointInfo::flags`: `ipv6` holds the pod's IPv6 address.
+pub const EP_HAS_IPV6: u32 = 1 << 6;
+/// `EndpointInfo::flags`: the direction (shifted by the direction number) has ipBlock or
+/// address entries in `POLICY_CIDR`; without it the LPM lookup is skipped.
+pub const EP_CIDR_RULES: u32 = 1 << 8;
+/// `EndpointInfo::flags`: the direction (shifted by the direction number) has entries in
+/// `POLICY_PORT_RANGE`; without it the LPM lookup is skipped.
+pub const EP_PORT_RANGES: u32 = 1 << 10;
 
-/// Map capacities, sized for 10k pods, 1k policies and 100k rule entries.
-pub const MAX_ENDPOINTS: u32 = 4096;
+/// Map capacities: up to [`MAX_ENDPOINTS`] pods per node, 10k pods and 1k policies in the
+/// cluster, 100k rule entries on the node.
+pub const MAX_ENDPOINTS: u32 = 1024;
+/// Endpoint slots: an endpoint being reprogrammed holds two slots (old and new) for a moment.
+pub const MAX_ENDPOINT_SLOTS: u32 = 2 * MAX_ENDPOINTS;
 pub const MAX_IPCACHE_ENTRIES: u32 = 65_536;
 pub const MAX_POLICY_IDENTITY_ENTRIES: u32 = 262_144;
 pub const MAX_POLICY_CIDR_ENTRIES: u32 = 131_072;
 pub const MAX_POLICY_PORT_ENTRIES: u32 = 131_072;
+pub const MAX_POLICY_PORT_RANGE_ENTRIES: u32 = 65_536;
 pub const MAX_CONNTRACK_ENTRIES: u32 = 262_144;
 pub const MAX_FRAGMENT_ENTRIES: u32 = 8192;
+/// Per-rule-group counters on the node (`RULE_STATS`).
+pub const MAX_RULE_COUNTERS: u32 = 16_384;
+/// `EndpointInfo::rule_base` of a direction without per-rule counters.
+pub const NO_RULE: u32 = u32::MAX;
+/// Size of the verdict event ring buffer.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 
-/// Data of an `IPCACHE` LPM key: the address, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so
-/// one trie serves both families. The prefix length counts bits of this 16-byte address.
-pub type IpcacheKeyData = [u8; 16];
+/// Key of `IPCACHE` (a hash): the address, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one
+/// map serves both families.
+pub type IpcacheKey = [u8; 16];
 
 /// Value of `IPCACHE`.
 #[repr(C)]
@@ -82,14 +111,24 @@ pub type EndpointKey = u32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndpointInfo {
-    /// Agent-chosen id used as the first field of all per-endpoint policy keys.
+    /// Slot (below [`MAX_ENDPOINT_SLOTS`]): the first field of all per-endpoint policy keys
+    /// and the index of `ENDPOINT_STATS`. A reprogrammed endpoint moves to a fresh slot.
     pub endpoint_id: u32,
     /// `EP_*` flags.
     pub flags: u32,
-    /// The pod's own identity (for counters and debugging).
+    /// The pod's own identity.
     pub identity: u32,
-    /// Bumped on every reprogramming; lets tools see which policy version is live.
+    /// Unique on the node for every programming (random start, so a restarted agent does not
+    /// repeat a previous agent's numbers); conntrack entries remember it.
     pub revision: u32,
+    /// Per direction: index in `RULE_STATS` of rule group 0 ([`NO_RULE`] if none).
+    pub rule_base: [u32; 2],
+    /// Per direction: rule groups that admit any peer (`from`/`to` absent or empty).
+    pub any_peer_bits: [u64; 2],
+    /// The pod's addresses (anti-spoofing, the self exception).
+    pub ipv4: [u8; 4],
+    pub ipv6: [u8; 16],
+    pub _pad: [u8; 4],
 }
 
 /// Key of `POLICY_IDENTITY`.
@@ -102,7 +141,7 @@ pub struct PolicyIdentityKey {
     pub peer_identity: u32,
 }
 
-/// Value of all three policy maps: which rule groups match.
+/// Value of the policy maps: which rule groups match.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleMask {
@@ -122,49 +161,120 @@ pub struct PolicyCidrKeyData {
 /// Bits of `PolicyCidrKeyData` before `addr` that every key matches exactly.
 pub const POLICY_CIDR_FIXED_BITS: u32 = 64;
 
-/// Data of a `POLICY_PORT` LPM key. `prefix_len` = [`POLICY_PORT_FIXED_BITS`] + prefix bits of
-/// the port; `port` is big-endian so prefixes run from the most significant bit.
-/// A rule with no `ports` at all is stored with `protocol` = [`PROTO_ANY`] and matched by a
-/// second lookup, so "all protocols" also covers ICMP.
+/// Key of `POLICY_PORT` (a hash). `port` 0 is the protocol's wildcard entry: the groups that
+/// admit every port of the protocol (and every protocol). An exact entry carries every group
+/// that admits that port (wildcards and ranges included), so a hit needs no other lookup.
+/// [`PROTO_ANY`] with port 0 holds the groups admitting every protocol (ICMP and the rest).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PolicyPortKeyData {
+pub struct PolicyPortKey {
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    pub port: u16,
+}
+/// `PolicyPortKey::protocol` for rules that admit every protocol and port.
+pub const PROTO_ANY: u8 = 0;
+/// `PolicyPortKey::port` of the wildcard entry.
+pub const PORT_WILDCARD: u16 = 0;
+
+/// Data of a `POLICY_PORT_RANGE` LPM key (large `endPort` ranges, not expanded into
+/// `POLICY_PORT`). `prefix_len` = [`POLICY_PORT_FIXED_BITS`] + prefix bits of the port;
+/// `port_be` is big-endian so prefixes run from the most significant bit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyPortRangeKeyData {
     pub endpoint_id: u32,
     pub direction: u8,
     pub protocol: u8,
     pub port_be: [u8; 2],
 }
 pub const POLICY_PORT_FIXED_BITS: u32 = 48;
-/// `PolicyPortKeyData::protocol` for rules that admit every protocol and port.
-pub const PROTO_ANY: u8 = 0;
+/// Ranges up to this many ports are expanded into exact `POLICY_PORT` entries.
+pub const PORT_RANGE_EXPAND_LIMIT: u32 = 64;
 
-/// Key of `CONNTRACK`: a flow as first seen on one pod interface.
+/// Key of `CONNTRACK`: a flow on one pod interface, in canonical order so that both
+/// directions find the same entry: `(addr_a, port_a)` sorts before `(addr_b, port_b)` (see
+/// [`flow_order`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ConntrackKey {
-    /// Interface the flow was allowed on: a spoofed packet on another pod's veth misses.
+pub struct FlowKey {
+    /// Interface the flow was allowed on: a packet on another pod's veth misses.
     pub ifindex: u32,
     pub protocol: u8,
     pub _pad: [u8; 3],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
+    pub port_a: u16,
+    pub port_b: u16,
+    pub addr_a: [u8; 16],
+    pub addr_b: [u8; 16],
 }
 
-/// TCP-ish lifecycle of a conntrack entry; decides its idle timeout.
+/// Whether `(addr1, port1)` comes first in a [`FlowKey`]. Any total order serves; this one
+/// compares the addresses as two native-endian words (cheap in the kernel), then the ports.
+#[inline(always)]
+pub fn flow_order(addr1: &[u8; 16], port1: u16, addr2: &[u8; 16], port2: u16) -> bool {
+    let (hi1, lo1) = words(addr1);
+    let (hi2, lo2) = words(addr2);
+    if hi1 != hi2 {
+        return hi1 < hi2;
+    }
+    if lo1 != lo2 {
+        return lo1 < lo2;
+    }
+    port1 <= port2
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> (u64, u64) {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&addr[..8]);
+    lo.copy_from_slice(&addr[8..]);
+    (u64::from_ne_bytes(hi), u64::from_ne_bytes(lo))
+}
+
+/// TCP-ish lifecycle of a flow; decides its idle timeout.
 pub const CT_STATE_NEW: u8 = 0;
 pub const CT_STATE_ESTABLISHED: u8 = 1;
 pub const CT_STATE_CLOSING: u8 = 2;
 
+/// `FlowState::flags`: the flow's initiator is `(addr_a, port_a)` of the key.
+pub const FLOW_INITIATOR_A: u8 = 1 << 0;
+/// `FlowState::flags`: the flow was opened in the pod's egress direction (else ingress).
+pub const FLOW_EGRESS: u8 = 1 << 1;
+/// `FlowState::flags`: the egress verdict is the netfilter hook's, after kube-proxy's DNAT
+/// (the destination was not a known pod or node address, e.g. a Service ClusterIP).
+pub const FLOW_DEFERRED: u8 = 1 << 2;
+/// `FlowState::flags`: the netfilter hook allowed the flow to `nat_addr:nat_port`.
+pub const FLOW_CONFIRMED: u8 = 1 << 3;
+/// `FlowState::flags`: the flow passes only because of audit mode.
+pub const FLOW_AUDIT: u8 = 1 << 4;
+
 /// Value of `CONNTRACK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ConntrackValue {
+pub struct FlowState {
+    /// Coarse clock (`bpf_ktime_get_coarse_ns`), refreshed at most every
+    /// [`FLOW_REFRESH_NS`] so that established flows do not write on every packet.
     pub last_seen_ns: u64,
-    pub state: u8,
-    pub _pad: [u8; 7],
+    /// `EndpointInfo::revision` the verdict was taken under.
+    pub revision: u32,
+    /// `Config::ipcache_generation` the verdict was taken under.
+    pub ipcache_generation: u32,
+    /// `RULE_STATS` index of the rule group that admitted the flow, [`NO_RULE`] if none
+    /// (direction not isolated, an exception, audit).
+    pub rule_index: u32,
+    /// `FLOW_*` flags.
+    pub flags: u8,
+    /// `CT_STATE_*`.
+    pub tcp_state: u8,
+    /// Deferred flows: the backend port kube-proxy chose.
+    pub nat_port: u16,
+    /// Deferred flows: the backend address kube-proxy chose.
+    pub nat_addr: [u8; 16],
 }
+/// How often an established flow's timestamp is rewritten.
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Key of `FRAGMENTS`: an IP datagram being fragmented, on one interface.
 #[repr(C)]
@@ -189,17 +299,21 @@ pub struct FragmentValue {
     pub dst_port: u16,
 }
 
-/// Reasons indexed in the per-CPU `DROP_COUNTERS` array: index = reason * 2 + direction.
+/// Reasons indexed in the per-CPU `DROP_COUNTERS` and `AUDIT_COUNTERS` arrays:
+/// index = reason * 2 + direction.
 pub const REASON_POLICY_DENIED: u32 = 0;
 pub const REASON_NO_ENDPOINT: u32 = 1;
 pub const REASON_MALFORMED: u32 = 2;
 pub const REASON_FRAGMENT_UNKNOWN: u32 = 3;
 pub const REASON_FAIL_CLOSED: u32 = 4;
-pub const REASON_COUNT: u32 = 5;
+pub const REASON_SPOOFED: u32 = 5;
+pub const REASON_COUNT: u32 = 6;
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] =
-    ["policy_denied", "no_endpoint", "malformed", "fragment_unknown", "map_full"];
+    ["policy_denied", "no_endpoint", "malformed", "fragment_unknown", "map_full", "spoofed"];
+/// `VerdictEvent::reason` of an allowed flow.
+pub const REASON_NONE: u8 = 0xff;
 
-/// Value of the per-CPU `ENDPOINT_STATS` hash (key: endpoint id).
+/// Value of the per-CPU `ENDPOINT_STATS` array (index: endpoint slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndpointStats {
@@ -208,6 +322,133 @@ pub struct EndpointStats {
     pub allowed_bytes: [u64; 2],
     pub denied_packets: [u64; 2],
     pub denied_bytes: [u64; 2],
+    /// Would-be drops that passed under audit mode.
+    pub audit_packets: [u64; 2],
+    pub audit_bytes: [u64; 2],
+}
+
+/// Value of the per-CPU `RULE_STATS` array (index: `EndpointInfo::rule_base[dir] + group`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `Config::flags`: the netfilter hooks are attached, so the TC programs may defer the egress
+/// verdict of flows to unknown addresses (Service ClusterIPs) to them. Without it, TC judges
+/// those flows on the address it sees (fail closed: a ClusterIP is "world").
+pub const CONFIG_NETFILTER_ACTIVE: u32 = 1 << 0;
+/// `Config::flags`: emit an event for the first packet of every allowed flow.
+pub const CONFIG_EVENTS_ALLOWED: u32 = 1 << 1;
+
+/// The single value of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Bumped after every ipcache change: conntrack entries taken under an older generation
+    /// are judged again.
+    pub ipcache_generation: u32,
+    /// `CONFIG_*` flags.
+    pub flags: u32,
+    /// Verdict events per second each CPU may emit (token bucket refill); 0 = none.
+    pub events_per_second: u32,
+    /// Token bucket size per CPU.
+    pub events_burst: u32,
+}
+
+/// Index of [`EventCounters`]-style per-CPU `EVENT_COUNTERS`.
+pub const EVENTS_EMITTED: u32 = 0;
+/// Not emitted: the CPU's rate limit was exhausted.
+pub const EVENTS_RATE_LIMITED: u32 = 1;
+/// Not emitted: the ring buffer was full (the agent is not reading fast enough).
+pub const EVENTS_RING_FULL: u32 = 2;
+pub const EVENT_COUNTER_COUNT: u32 = 3;
+
+/// Per-CPU token bucket of the event rate limit (value of `EVENT_BUCKETS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TokenBucket {
+    /// Tokens scaled by [`TOKEN_SCALE`].
+    pub tokens: u64,
+    pub last_refill_ns: u64,
+}
+pub const TOKEN_SCALE: u64 = 1000;
+
+/// `VerdictEvent::verdict`.
+pub const VERDICT_DROPPED: u8 = 0;
+pub const VERDICT_ALLOWED: u8 = 1;
+pub const VERDICT_AUDIT: u8 = 2;
+
+/// `VerdictEvent::hook`.
+pub const HOOK_TC: u8 = 0;
+pub const HOOK_NETFILTER: u8 = 1;
+
+/// A verdict event in the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VerdictEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub endpoint_id: u32,
+    pub revision: u32,
+    pub peer_identity: u32,
+    /// `RULE_STATS` index of the admitting rule group, [`NO_RULE`] if none.
+    pub rule_index: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Service flows: the destination port before kube-proxy's DNAT (0 if none).
+    pub original_dst_port: u16,
+    /// `REASON_*` as u8, [`REASON_NONE`] for allowed flows.
+    pub reason: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    pub direction: u8,
+    pub protocol: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// 1 when `original_dst` is set.
+    pub translated: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Service flows: the destination before kube-proxy's DNAT (the ClusterIP).
+    pub original_dst: [u8; 16],
+}
+
+/// Offsets in kernel structures the netfilter program reads, resolved by the agent from the
+/// running kernel's BTF (the program is not compiled against one kernel's headers). The
+/// single value of `NF_OFFSETS`; `ready` = 1 once written.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NfOffsets {
+    pub ready: u32,
+    /// `sk_buff.skb_iif`: the interface the packet entered the node on.
+    pub skb_iif: u32,
+    /// `sk_buff._nfct`: the conntrack entry pointer, low 3 bits = ctinfo.
+    pub skb_nfct: u32,
+    /// `sk_buff.head`.
+    pub skb_head: u32,
+    /// `sk_buff.network_header` (u16 offset from head).
+    pub skb_network_header: u32,
+    /// `sk_buff.len`.
+    pub skb_len: u32,
+    /// `nf_conn.tuplehash` (array of two `nf_conntrack_tuple_hash`).
+    pub ct_tuplehash: u32,
+    /// `sizeof(struct nf_conntrack_tuple_hash)`.
+    pub tuplehash_size: u32,
+    /// `nf_conntrack_tuple_hash.tuple`.
+    pub tuplehash_tuple: u32,
+    /// In `nf_conntrack_tuple`: src.u3, src.u (port / ICMP id), src.l3num (address family),
+    /// dst.u3, dst.u, dst.protonum.
+    pub tuple_src_addr: u32,
+    pub tuple_src_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_dst_addr: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_protonum: u32,
+    /// `sk_buff.data_len` (bytes outside the linear area).
+    pub skb_data_len: u32,
 }
 
 #[cfg(feature = "user")]
@@ -220,10 +461,42 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyIdentityKey {}
     unsafe impl aya::Pod for RuleMask {}
     unsafe impl aya::Pod for PolicyCidrKeyData {}
-    unsafe impl aya::Pod for PolicyPortKeyData {}
-    unsafe impl aya::Pod for ConntrackKey {}
-    unsafe impl aya::Pod for ConntrackValue {}
+    unsafe impl aya::Pod for PolicyPortKey {}
+    unsafe impl aya::Pod for PolicyPortRangeKeyData {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
     unsafe impl aya::Pod for EndpointStats {}
+    unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for TokenBucket {}
+    unsafe impl aya::Pod for VerdictEvent {}
+    unsafe impl aya::Pod for NfOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layouts have no implicit padding (every byte is a named field), so both sides agree
+    /// on every offset.
+    #[test]
+    fn layouts_are_packed_as_declared() {
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 4 + 16 + 4);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 4 + 4 + 4 + 32);
+        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16);
+        assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);
+        assert_eq!(core::mem::size_of::<VerdictEvent>(), 8 + 4 * 5 + 2 * 3 + 6 + 48);
+    }
+
+    #[test]
+    fn flow_order_is_total_and_antisymmetric() {
+        let a = [1u8; 16];
+        let mut b = [1u8; 16];
+        b[15] = 2;
+        assert!(flow_order(&a, 5, &b, 1) != flow_order(&b, 1, &a, 5));
+        assert!(flow_order(&a, 1, &a, 2) && !flow_order(&a, 2, &a, 1));
+        assert!(flow_order(&a, 3, &a, 3));
+    }
 }

@@ -51,7 +51,8 @@ pub(super) struct Agent {
 
 impl Agent {
     pub(super) fn start(args: AgentArgs, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
-        let dataplane = Dataplane::load(&args)?;
+        let mut dataplane = Dataplane::load(&args)?;
+        dataplane.enable_netfilter();
         let controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
         tracing::info!(node = %args.node, pins = %dataplane.pin_dir.display(), "agent started");
         Ok(Agent {
@@ -372,6 +373,7 @@ impl Agent {
         maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity));
         maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr));
         maps.insert("POLICY_PORT", (counts.port, capacity.port));
+        maps.insert("POLICY_RANGE", (counts.port_range, capacity.port_range));
         let state = &self.controller.state;
         DataplaneSnapshot {
             drops: read_drop_counters(&self.dataplane.drops),
@@ -401,11 +403,13 @@ impl Agent {
         match self.args.on_exit {
             OnExit::Detach => {
                 self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
+                self.dataplane.netfilter_links.detach_all();
                 let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
                 tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
             }
             OnExit::Keep => {
-                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf);
+                let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf)
+                    + self.dataplane.netfilter_links.keep_pinned();
                 tracing::info!(
                     interfaces, links, pins = %self.dataplane.pin_dir.display(),
                     "agent stopped: programs stay attached and enforce the last programmed state until the next agent takes over"

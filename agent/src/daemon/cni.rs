@@ -195,8 +195,9 @@ impl Agent {
         }
         // The Pod object is not known yet (or the sources are not in sync): nothing but node
         // traffic may pass until it is.
+        let ips = attachment.ips.clone();
         self.reconcile(|controller, maps, _| {
-            let dirty = controller.compiler.set_placeholder(&controller.state, &key, Some(ifindex));
+            let dirty = controller.compiler.set_placeholder(&controller.state, &key, Some(ifindex), &ips);
             controller.sync.sync_dirty(maps, controller.compiler.program(), &dirty)
         });
         if self.enforcement(&key).is_none() {
@@ -242,7 +243,7 @@ impl Agent {
     fn drop_placeholder(&mut self, key: &str) {
         if self.controller.compiler.placeholders().any(|(k, _)| k == key) {
             self.reconcile(|controller, maps, _| {
-                let dirty = controller.compiler.set_placeholder(&controller.state, key, None);
+                let dirty = controller.compiler.set_placeholder(&controller.state, key, None, &[]);
                 controller.sync.sync_dirty(maps, controller.compiler.program(), &dirty)
             });
         }

@@ -7,12 +7,16 @@ use crate::dataplane::bpffs;
 use crate::dataplane::discovery::InterfaceIndex;
 use crate::dataplane::kernel;
 use crate::dataplane::maps::{KernelMaps, MapsError};
+use crate::dataplane::netfilter::{NetfilterLinks, NetfilterProgram};
 use crate::metrics::EndpointCounters;
 use crate::policy::PodInfo;
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
-use netsieve_common::{EndpointStats, REASON_COUNT, REASON_NAMES};
+use aya::maps::{MapData, PerCpuArray};
+use netsieve_common::{CONFIG_NETFILTER_ACTIVE, EndpointStats, REASON_COUNT, REASON_NAMES};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+
+/// Where the netfilter links are pinned, beside the TC links.
+pub(super) const NETFILTER_LINK_DIR: &str = "netfilter-links";
 
 /// Sums the per-CPU drop counters: (reason, direction, packets).
 pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, &'static str, u64)> {
@@ -26,17 +30,13 @@ pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str,
     out
 }
 
-fn sum_stats(values: &aya::maps::PerCpuValues<EndpointStats>) -> EndpointCounters {
-    let mut total = EndpointCounters::default();
-    for v in values.iter() {
-        total.add(&EndpointCounters {
-            allowed_packets: v.allowed_packets,
-            allowed_bytes: v.allowed_bytes,
-            denied_packets: v.denied_packets,
-            denied_bytes: v.denied_bytes,
-        });
+fn counters_of(stats: &EndpointStats) -> EndpointCounters {
+    EndpointCounters {
+        allowed_packets: stats.allowed_packets,
+        allowed_bytes: stats.allowed_bytes,
+        denied_packets: stats.denied_packets,
+        denied_bytes: stats.denied_bytes,
     }
-    total
 }
 
 /// The kernel side: loaded programs, maps, attachments, interfaces.
@@ -44,7 +44,9 @@ pub(super) struct Dataplane {
     pub(super) ebpf: aya::Ebpf,
     pub(super) maps: KernelMaps,
     pub(super) drops: PerCpuArray<MapData, u64>,
-    pub(super) stats: PerCpuHashMap<MapData, u32, EndpointStats>,
+    /// The netfilter program judging pod egress after DNAT, if this kernel runs it.
+    netfilter: Option<NetfilterProgram>,
+    pub(super) netfilter_links: NetfilterLinks,
     pub(super) attachments: Attachments,
     pub(super) interfaces: InterfaceIndex,
     pub(super) pin_dir: PathBuf,
@@ -59,7 +61,8 @@ impl Dataplane {
     pub(super) fn load(args: &AgentArgs) -> Result<Dataplane, AgentError> {
         kernel::raise_memlock_rlimit();
         let pin_dir = bpffs::ensure_pin_dir(&args.node, &args.bpffs)?;
-        let (mut ebpf, reused) = kernel::load_with_state(&pin_dir)?;
+        let (loaded, reused) = kernel::load_with_state(&pin_dir)?;
+        let mut ebpf = loaded.ebpf;
         if reused {
             tracing::info!("reusing the pinned conntrack table: connections admitted before the restart keep flowing");
         }
@@ -76,21 +79,41 @@ impl Dataplane {
             .take_map("DROP_COUNTERS")
             .ok_or(MapsError::Missing("DROP_COUNTERS"))
             .and_then(|m| PerCpuArray::try_from(m).map_err(|source| MapsError::Layout { name: "DROP_COUNTERS", source }))?;
-        let stats = ebpf
-            .take_map("ENDPOINT_STATS")
-            .ok_or(MapsError::Missing("ENDPOINT_STATS"))
-            .and_then(|m| PerCpuHashMap::try_from(m).map_err(|source| MapsError::Layout { name: "ENDPOINT_STATS", source }))?;
         Ok(Dataplane {
             ebpf,
             maps,
             drops,
-            stats,
+            netfilter: loaded.netfilter.ok(),
+            netfilter_links: NetfilterLinks::persistent(&pin_dir.join(NETFILTER_LINK_DIR)),
             attachments: Attachments::persistent(&pin_dir.join("links")),
             interfaces: InterfaceIndex::default(),
             pin_dir,
             counted_ids: BTreeMap::new(),
             retired: BTreeMap::new(),
         })
+    }
+
+    /// Attaches the netfilter program (once) and tells the TC programs they may defer egress
+    /// verdicts to it. Without it, TC judges egress on the address the pod used.
+    pub(super) fn enable_netfilter(&mut self) {
+        let Some(program) = &self.netfilter else { return };
+        if self.netfilter_links.attached() {
+            return;
+        }
+        match self.netfilter_links.attach_all(program) {
+            Ok(()) => {
+                let config = self.maps.config();
+                if let Err(error) =
+                    self.maps.set_settings(config.flags | CONFIG_NETFILTER_ACTIVE, config.events_per_second, config.events_burst)
+                {
+                    tracing::error!(%error, "cannot enable deferral to the netfilter program");
+                }
+            }
+            Err(error) => tracing::error!(
+                %error,
+                "cannot attach the netfilter program: egress to Service addresses is judged on the address the pod used"
+            ),
+        }
     }
 
     pub(super) fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {
@@ -103,10 +126,9 @@ impl Dataplane {
             if live.contains_key(id) {
                 continue;
             }
-            if let Ok(values) = self.stats.get(id, 0) {
-                self.retired.entry(pod.clone()).or_default().add(&sum_stats(&values));
+            if let Ok(stats) = self.maps.endpoint_stats(*id) {
+                self.retired.entry(pod.clone()).or_default().add(&counters_of(&stats));
             }
-            let _ = self.stats.remove(id);
         }
         let pods: BTreeSet<&String> = live.values().collect();
         self.retired.retain(|pod, _| pods.contains(pod));
@@ -116,8 +138,8 @@ impl Dataplane {
             if let Some(retired) = self.retired.get(pod) {
                 *entry = *retired;
             }
-            if let Ok(values) = self.stats.get(id, 0) {
-                entry.add(&sum_stats(&values));
+            if let Ok(stats) = self.maps.endpoint_stats(*id) {
+                entry.add(&counters_of(&stats));
             }
         }
         self.counted_ids = live.clone();

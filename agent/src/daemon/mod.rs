@@ -57,7 +57,8 @@ pub fn cleanup(args: &CleanupArgs) -> Result<usize, AgentError> {
         tracing::info!(node = %args.node, "nothing pinned for this node");
         return Ok(0);
     };
-    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"));
+    let links = crate::dataplane::attach::remove_pinned_links(&dir.join("links"))
+        + crate::dataplane::netfilter::remove_pinned_links(&dir.join(dataplane::NETFILTER_LINK_DIR));
     std::fs::remove_dir_all(&dir).map_err(|source| AgentError::Cleanup { path: dir.clone(), source })?;
     tracing::info!(node = %args.node, links, dir = %dir.display(), "detached the programs and removed the pins");
     Ok(links)

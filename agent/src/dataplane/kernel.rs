@@ -1,4 +1,5 @@
-//! The embedded eBPF object and loading it. Thin: no policy logic here.
+//! The embedded eBPF objects and loading them. Thin: no policy logic here.
+use super::netfilter::{self, NetfilterError, NetfilterProgram};
 use aya::programs::{ProgramError, SchedClassifier};
 use aya::{Ebpf, EbpfError};
 
@@ -45,9 +46,19 @@ pub fn raise_memlock_rlimit() {
     }
 }
 
-/// Loads the object (creating its maps) and loads the three programs into the kernel.
-pub fn load() -> Result<Ebpf, KernelError> {
-    load_programs(Ebpf::load(EBPF_OBJECT).map_err(Box::new)?)
+/// The loaded programs: the TC object (maps and classifiers, through aya) and the netfilter
+/// program relocated against its maps, when this kernel can run it.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// `Err`: the kernel cannot load or the agent cannot configure the netfilter program (no
+    /// BTF, kernel before 6.4). Egress to Service addresses is then judged by TC on the address
+    /// the pod used, which denies what a Service would have allowed: fail closed.
+    pub netfilter: Result<NetfilterProgram, NetfilterError>,
+}
+
+/// Loads the object (creating its maps) and loads the programs into the kernel.
+pub fn load() -> Result<Loaded, KernelError> {
+    finish(Ebpf::load(EBPF_OBJECT).map_err(Box::new)?)
 }
 
 /// The pin name of the conntrack table. It carries the layout, so an agent whose table has a
@@ -55,8 +66,8 @@ pub fn load() -> Result<Ebpf, KernelError> {
 pub fn conntrack_pin_name() -> String {
     format!(
         "CONNTRACK-k{}v{}n{}",
-        std::mem::size_of::<netsieve_common::ConntrackKey>(),
-        std::mem::size_of::<netsieve_common::ConntrackValue>(),
+        std::mem::size_of::<netsieve_common::FlowKey>(),
+        std::mem::size_of::<netsieve_common::FlowState>(),
         netsieve_common::MAX_CONNTRACK_ENTRIES
     )
 }
@@ -64,11 +75,22 @@ pub fn conntrack_pin_name() -> String {
 /// Like [`load`], but the conntrack table is the one pinned in `state_dir` if there is one
 /// (created and pinned otherwise): connections admitted before an agent restart keep their
 /// replies admitted after it. Returns whether an existing table was reused.
-pub fn load_with_state(state_dir: &std::path::Path) -> Result<(Ebpf, bool), KernelError> {
+pub fn load_with_state(state_dir: &std::path::Path) -> Result<(Loaded, bool), KernelError> {
     let pin = state_dir.join(conntrack_pin_name());
     let reused = pin.exists();
     let ebpf = aya::EbpfLoader::new().map_pin_path("CONNTRACK", pin).load(EBPF_OBJECT).map_err(Box::new)?;
-    Ok((load_programs(ebpf)?, reused))
+    Ok((finish(ebpf)?, reused))
+}
+
+fn finish(ebpf: Ebpf) -> Result<Loaded, KernelError> {
+    let mut ebpf = load_programs(ebpf)?;
+    let netfilter = netfilter::kernel_offsets()
+        .and_then(|offsets| netfilter::write_offsets(&mut ebpf, offsets))
+        .and_then(|()| netfilter::load(&ebpf));
+    if let Err(error) = &netfilter {
+        tracing::warn!(%error, "netfilter program unavailable: egress to Service addresses is judged on the address the pod used (fail closed)");
+    }
+    Ok(Loaded { ebpf, netfilter })
 }
 
 fn load_programs(mut ebpf: Ebpf) -> Result<Ebpf, KernelError> {

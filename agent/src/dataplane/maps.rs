@@ -1,14 +1,14 @@
-//! The policy maps of a loaded program, as [`PolicyMaps`] for the synchronizer. Thin: key
-//! encoding only, no policy logic.
+//! The maps of a loaded program, as [`PolicyMaps`] for the synchronizer plus the counters and
+//! settings the agent reads and writes. Thin: key encoding only, no policy logic.
 use super::lpm::PortPrefix;
 use super::sync::PolicyMaps;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use ipnet::Ipv6Net;
 use netsieve_common::{
-    EndpointInfo, IpcacheKeyData, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS, PolicyCidrKeyData,
-    PolicyIdentityKey, PolicyPortKeyData, RuleMask,
+    Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
+    PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, RuleMask, RuleStats,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -17,15 +17,24 @@ pub enum MapsError {
     Missing(&'static str),
     #[error("map {name} has an unexpected type or layout: {source}")]
     Layout { name: &'static str, source: MapError },
+    #[error("map {name}: {source}")]
+    Access { name: &'static str, source: MapError },
 }
 
-/// Owned handles to the maps the synchronizer writes.
+/// Owned handles to the maps the agent writes and reads.
 pub struct KernelMaps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
-    pub ipcache: LpmTrie<MapData, IpcacheKeyData, IpcacheValue>,
+    pub ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     pub identity: HashMap<MapData, PolicyIdentityKey, RuleMask>,
     pub cidr: LpmTrie<MapData, PolicyCidrKeyData, RuleMask>,
-    pub port: LpmTrie<MapData, PolicyPortKeyData, RuleMask>,
+    pub port: HashMap<MapData, PolicyPortKey, RuleMask>,
+    pub port_range: LpmTrie<MapData, PolicyPortRangeKeyData, RuleMask>,
+    pub config_map: Array<MapData, Config>,
+    pub endpoint_stats: PerCpuArray<MapData, EndpointStats>,
+    pub rule_stats: PerCpuArray<MapData, RuleStats>,
+    /// What `CONFIG` holds: written whole, so the synchronizer (generation) and the agent
+    /// (flags, event rates) never overwrite each other's fields.
+    config: Config,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -37,7 +46,7 @@ where
 }
 
 impl KernelMaps {
-    /// Takes the policy maps out of a loaded object (the programs keep their references).
+    /// Takes the maps out of a loaded object (the programs keep their references).
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         Ok(KernelMaps {
             endpoints: take(ebpf, "ENDPOINTS")?,
@@ -45,21 +54,80 @@ impl KernelMaps {
             identity: take(ebpf, "POLICY_IDENTITY")?,
             cidr: take(ebpf, "POLICY_CIDR")?,
             port: take(ebpf, "POLICY_PORT")?,
+            port_range: take(ebpf, "POLICY_RANGE")?,
+            config_map: take(ebpf, "CONFIG")?,
+            endpoint_stats: take(ebpf, "ENDPOINT_STATS")?,
+            rule_stats: take(ebpf, "RULE_STATS")?,
+            config: Config::default(),
         })
+    }
+
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// Writes the settings the agent owns (`CONFIG_*` flags, event rate), keeping the
+    /// synchronizer's ipcache generation.
+    pub fn set_settings(&mut self, flags: u32, events_per_second: u32, events_burst: u32) -> Result<(), MapsError> {
+        let config = Config { flags, events_per_second, events_burst, ..self.config };
+        self.write_config(config).map_err(|source| MapsError::Access { name: "CONFIG", source })
+    }
+
+    fn write_config(&mut self, config: Config) -> Result<(), MapError> {
+        self.config_map.set(0, config, 0)?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Packets and bytes of one endpoint slot, summed over CPUs.
+    pub fn endpoint_stats(&self, slot: u32) -> Result<EndpointStats, MapsError> {
+        let values = self.endpoint_stats.get(&slot, 0).map_err(|source| MapsError::Access { name: "ENDPOINT_STATS", source })?;
+        let mut total = EndpointStats::default();
+        for v in values.iter() {
+            for d in 0..2 {
+                total.allowed_packets[d] += v.allowed_packets[d];
+                total.allowed_bytes[d] += v.allowed_bytes[d];
+                total.denied_packets[d] += v.denied_packets[d];
+                total.denied_bytes[d] += v.denied_bytes[d];
+                total.audit_packets[d] += v.audit_packets[d];
+                total.audit_bytes[d] += v.audit_bytes[d];
+            }
+        }
+        Ok(total)
+    }
+
+    /// Packets and bytes admitted by one rule counter, summed over CPUs.
+    pub fn rule_stats(&self, index: u32) -> Result<RuleStats, MapsError> {
+        let values = self.rule_stats.get(&index, 0).map_err(|source| MapsError::Access { name: "RULE_STATS", source })?;
+        let mut total = RuleStats::default();
+        for v in values.iter() {
+            total.packets += v.packets;
+            total.bytes += v.bytes;
+        }
+        Ok(total)
     }
 }
 
-fn identity_key(endpoint_id: u32, direction: u8, peer_identity: u32) -> PolicyIdentityKey {
-    PolicyIdentityKey { endpoint_id, direction, _pad: [0; 3], peer_identity }
+fn zeroed<T: aya::Pod + Default>() -> Result<PerCpuValues<T>, MapError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, error)| MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: error }))?;
+    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|error| MapError::SyscallError(aya::sys::SyscallError { call: "per-cpu values", io_error: error }))
 }
 
-fn cidr_key(endpoint_id: u32, direction: u8, net: Ipv6Net) -> Key<PolicyCidrKeyData> {
-    let data = PolicyCidrKeyData { endpoint_id, direction, _pad: [0; 3], addr: net.network().octets() };
+fn identity_key(slot: u32, direction: u8, peer_identity: u32) -> PolicyIdentityKey {
+    PolicyIdentityKey { endpoint_id: slot, direction, _pad: [0; 3], peer_identity }
+}
+
+fn cidr_key(slot: u32, direction: u8, net: Ipv6Net) -> Key<PolicyCidrKeyData> {
+    let data = PolicyCidrKeyData { endpoint_id: slot, direction, _pad: [0; 3], addr: net.network().octets() };
     Key::new(POLICY_CIDR_FIXED_BITS + u32::from(net.prefix_len()), data)
 }
 
-fn port_key(endpoint_id: u32, direction: u8, protocol: u8, prefix: PortPrefix) -> Key<PolicyPortKeyData> {
-    let data = PolicyPortKeyData { endpoint_id, direction, protocol, port_be: prefix.port.to_be_bytes() };
+fn port_key(slot: u32, direction: u8, protocol: u8, port: u16) -> PolicyPortKey {
+    PolicyPortKey { endpoint_id: slot, direction, protocol, port }
+}
+
+fn range_key(slot: u32, direction: u8, protocol: u8, prefix: PortPrefix) -> Key<PolicyPortRangeKeyData> {
+    let data = PolicyPortRangeKeyData { endpoint_id: slot, direction, protocol, port_be: prefix.port.to_be_bytes() };
     Key::new(POLICY_PORT_FIXED_BITS + u32::from(prefix.len), data)
 }
 
@@ -81,27 +149,46 @@ impl PolicyMaps for KernelMaps {
         ignore_missing(self.endpoints.remove(&ifindex))
     }
     fn set_ipcache(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), MapError> {
-        self.ipcache.insert(&Key::new(u32::from(net.prefix_len()), net.network().octets()), value, 0)
+        self.ipcache.insert(net.addr().octets(), value, 0)
     }
     fn remove_ipcache(&mut self, net: Ipv6Net) -> Result<(), MapError> {
-        ignore_missing(self.ipcache.remove(&Key::new(u32::from(net.prefix_len()), net.network().octets())))
+        ignore_missing(self.ipcache.remove(&net.addr().octets()))
     }
-    fn set_identity(&mut self, id: u32, dir: u8, identity: u32, bits: u64) -> Result<(), MapError> {
-        self.identity.insert(identity_key(id, dir, identity), RuleMask { bits }, 0)
+    fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), MapError> {
+        let config = Config { ipcache_generation: generation, ..self.config };
+        self.write_config(config)
     }
-    fn remove_identity(&mut self, id: u32, dir: u8, identity: u32) -> Result<(), MapError> {
-        ignore_missing(self.identity.remove(&identity_key(id, dir, identity)))
+    fn set_identity(&mut self, slot: u32, dir: u8, identity: u32, bits: u64) -> Result<(), MapError> {
+        self.identity.insert(identity_key(slot, dir, identity), RuleMask { bits }, 0)
     }
-    fn set_cidr(&mut self, id: u32, dir: u8, net: Ipv6Net, bits: u64) -> Result<(), MapError> {
-        self.cidr.insert(&cidr_key(id, dir, net), RuleMask { bits }, 0)
+    fn remove_identity(&mut self, slot: u32, dir: u8, identity: u32) -> Result<(), MapError> {
+        ignore_missing(self.identity.remove(&identity_key(slot, dir, identity)))
     }
-    fn remove_cidr(&mut self, id: u32, dir: u8, net: Ipv6Net) -> Result<(), MapError> {
-        ignore_missing(self.cidr.remove(&cidr_key(id, dir, net)))
+    fn set_cidr(&mut self, slot: u32, dir: u8, net: Ipv6Net, bits: u64) -> Result<(), MapError> {
+        self.cidr.insert(&cidr_key(slot, dir, net), RuleMask { bits }, 0)
     }
-    fn set_port(&mut self, id: u32, dir: u8, protocol: u8, prefix: PortPrefix, bits: u64) -> Result<(), MapError> {
-        self.port.insert(&port_key(id, dir, protocol, prefix), RuleMask { bits }, 0)
+    fn remove_cidr(&mut self, slot: u32, dir: u8, net: Ipv6Net) -> Result<(), MapError> {
+        ignore_missing(self.cidr.remove(&cidr_key(slot, dir, net)))
     }
-    fn remove_port(&mut self, id: u32, dir: u8, protocol: u8, prefix: PortPrefix) -> Result<(), MapError> {
-        ignore_missing(self.port.remove(&port_key(id, dir, protocol, prefix)))
+    fn set_port(&mut self, slot: u32, dir: u8, protocol: u8, port: u16, bits: u64) -> Result<(), MapError> {
+        self.port.insert(port_key(slot, dir, protocol, port), RuleMask { bits }, 0)
+    }
+    fn remove_port(&mut self, slot: u32, dir: u8, protocol: u8, port: u16) -> Result<(), MapError> {
+        ignore_missing(self.port.remove(&port_key(slot, dir, protocol, port)))
+    }
+    fn set_port_range(&mut self, slot: u32, dir: u8, protocol: u8, prefix: PortPrefix, bits: u64) -> Result<(), MapError> {
+        self.port_range.insert(&range_key(slot, dir, protocol, prefix), RuleMask { bits }, 0)
+    }
+    fn remove_port_range(&mut self, slot: u32, dir: u8, protocol: u8, prefix: PortPrefix) -> Result<(), MapError> {
+        ignore_missing(self.port_range.remove(&range_key(slot, dir, protocol, prefix)))
+    }
+    fn reset_counters(&mut self, slot: u32, rules: &[std::ops::Range<u32>]) -> Result<(), MapError> {
+        self.endpoint_stats.set(slot, zeroed::<EndpointStats>()?, 0)?;
+        for range in rules {
+            for index in range.clone() {
+                self.rule_stats.set(index, zeroed::<RuleStats>()?, 0)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod kernel;
 pub mod lpm;
 pub mod maps;
+pub mod netfilter;
 pub mod node;
 pub mod packet;
 pub mod sync;

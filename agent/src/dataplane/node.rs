@@ -7,7 +7,7 @@
 //! compiled from the whole current state, so an incremental result always equals a full
 //! recompilation (tested on random change sequences).
 use super::compile::{
-    CompileError, DirectionEntries, DirectionInput, PeerInput, PortSetInput, RuleInput, compile_direction,
+    CompileError, DirectionInput, PeerInput, PortSetInput, RuleInput, RuleOrigin, compile_direction,
 };
 use super::lpm::{CidrSet, to_mapped};
 pub use super::sync::Dirty;
@@ -143,13 +143,15 @@ pub fn direction_input(state: &ClusterState, ids: &IdentityAllocator, pod: &PodI
     let mut input = DirectionInput::default();
     for policy in state.selecting(pod, direction) {
         input.isolated = true;
-        for rule in policy.rules(direction).unwrap_or_default() {
-            translate_rule(state, ids, pod, direction, &policy.namespace, rule, &mut input.rules);
+        for (rule_index, rule) in policy.rules(direction).unwrap_or_default().iter().enumerate() {
+            let origin = RuleOrigin { policy: policy.key(), rule_index };
+            translate_rule(state, ids, pod, direction, &policy.namespace, rule, origin, &mut input.rules);
         }
     }
     input
 }
 
+#[allow(clippy::too_many_arguments)]
 fn translate_rule(
     state: &ClusterState,
     ids: &IdentityAllocator,
@@ -157,6 +159,7 @@ fn translate_rule(
     direction: Direction,
     policy_namespace: &str,
     rule: &Rule,
+    origin: RuleOrigin,
     out: &mut Vec<RuleInput>,
 ) {
     let peers: Vec<PeerInput> = match &rule.peers {
@@ -192,7 +195,7 @@ fn translate_rule(
             .collect(),
     };
     let Some(ports) = &rule.ports else {
-        out.push(RuleInput { peers, ports: PortSetInput::AllProtocols });
+        out.push(RuleInput { peers, ports: PortSetInput::AllProtocols, origin });
         return;
     };
     let mut numeric = BTreeSet::new();
@@ -235,6 +238,7 @@ fn translate_rule(
                         out.push(RuleInput {
                             peers: vec![PeerInput::Addresses(addresses)],
                             ports: PortSetInput::Ranges([(protocol, port, port)].into()),
+                            origin: origin.clone(),
                         });
                     }
                 }
@@ -242,7 +246,7 @@ fn translate_rule(
         }
     }
     if !numeric.is_empty() {
-        out.push(RuleInput { peers, ports: PortSetInput::Ranges(numeric) });
+        out.push(RuleInput { peers, ports: PortSetInput::Ranges(numeric), origin });
     }
 }
 
@@ -301,11 +305,27 @@ pub fn replace_state(state: &mut ClusterState, target: ClusterState) -> Vec<Clus
     changes
 }
 
+/// Where audit mode applies: would-be policy drops pass, counted and reported as `audit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditMode {
+    /// Every local pod (`--audit`).
+    pub node_wide: bool,
+    /// Pods of these namespaces (annotated `netsieve.io/audit: "true"`).
+    pub namespaces: BTreeSet<String>,
+}
+
+impl AuditMode {
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.node_wide || self.namespaces.contains(namespace)
+    }
+}
+
 /// The compiled state of one node, kept up to date change by change.
 #[derive(Debug, Clone)]
 pub struct NodeCompiler {
     node: String,
     allow_host: bool,
+    audit: AuditMode,
     ids: IdentityAllocator,
     program: NodeProgram,
     /// Compilation failures by local pod.
@@ -314,7 +334,9 @@ pub struct NodeCompiler {
     local: BTreeMap<String, Option<u32>>,
     /// Interfaces attached before their pod is known as a local pod with an address (CNI ADD
     /// ahead of the Pod object), by pod key: programmed fail-closed until it is.
-    placeholders: BTreeMap<String, u32>,
+    /// Interfaces (and the addresses the CNI result gave) programmed fail-closed until their
+    /// pod is known.
+    placeholders: BTreeMap<String, (u32, Vec<IpAddr>)>,
 }
 
 impl NodeCompiler {
@@ -322,6 +344,7 @@ impl NodeCompiler {
         NodeCompiler {
             node: node.to_string(),
             allow_host,
+            audit: AuditMode::default(),
             ids: IdentityAllocator::default(),
             program: NodeProgram::default(),
             failures: BTreeMap::new(),
@@ -334,9 +357,11 @@ impl NodeCompiler {
     /// traffic when node traffic is allowed) for as long as the pod is not a local pod with
     /// an interface; `None` stops. The pod's own program, once it can be compiled, takes over
     /// the same key.
-    pub fn set_placeholder(&mut self, state: &ClusterState, key: &str, ifindex: Option<u32>) -> Dirty {
+    /// `ips` are the pod's addresses from the CNI result: the placeholder lets the pod send
+    /// from them (to the node, its only allowed peer) and nothing else.
+    pub fn set_placeholder(&mut self, state: &ClusterState, key: &str, ifindex: Option<u32>, ips: &[IpAddr]) -> Dirty {
         match ifindex {
-            Some(ifindex) => self.placeholders.insert(key.to_string(), ifindex),
+            Some(ifindex) => self.placeholders.insert(key.to_string(), (ifindex, ips.to_vec())),
             None => self.placeholders.remove(key),
         };
         let mut dirty = Dirty::default();
@@ -351,11 +376,33 @@ impl NodeCompiler {
 
     /// Pod keys with a placeholder, and its interface.
     pub fn placeholders(&self) -> impl Iterator<Item = (&String, &u32)> {
-        self.placeholders.iter()
+        self.placeholders.iter().map(|(key, (ifindex, _))| (key, ifindex))
     }
 
     pub fn program(&self) -> &NodeProgram {
         &self.program
+    }
+
+    pub fn audit(&self) -> &AuditMode {
+        &self.audit
+    }
+
+    /// Changes where audit mode applies; recompiles the local endpoints whose mode changed.
+    pub fn set_audit(&mut self, state: &ClusterState, audit: AuditMode) -> Dirty {
+        let mut dirty = Dirty::default();
+        let changed: Vec<String> = self
+            .local
+            .keys()
+            .filter(|key| {
+                state.pods.get(*key).is_some_and(|pod| self.audit.covers(&pod.namespace) != audit.covers(&pod.namespace))
+            })
+            .cloned()
+            .collect();
+        self.audit = audit;
+        for key in changed {
+            self.recompile_endpoint(state, &key, &mut dirty);
+        }
+        dirty
     }
 
     pub fn identities(&self) -> &IdentityAllocator {
@@ -545,15 +592,16 @@ impl NodeCompiler {
         let pod = state.pods.get(key).filter(|p| self.is_local(p));
         let (Some(pod), Some(ifindex)) = (pod, ifindex) else {
             self.failures.remove(key);
-            if let Some(&ifindex) = self.placeholders.get(key) {
+            if let Some((ifindex, ips)) = self.placeholders.get(key) {
+                let (ipv4, ipv6) = own_addresses(ips);
                 let program = EndpointProgram {
-                    ifindex,
+                    ifindex: *ifindex,
                     allow_host: self.allow_host,
-                    fail_closed: true,
-                    ingress: DirectionEntries { isolated: true, ..Default::default() },
-                    egress: DirectionEntries { isolated: true, ..Default::default() },
+                    ipv4,
+                    ipv6,
                     ..Default::default()
-                };
+                }
+                .failed_closed();
                 if self.program.endpoints.get(key) != Some(&program) {
                     self.program.endpoints.insert(key.to_string(), program);
                     dirty.endpoints.insert(key.to_string());
@@ -570,7 +618,15 @@ impl NodeCompiler {
             tracing::error!(pod = %key, "local pod has no identity: endpoint fails closed");
             return;
         };
-        let mut program = EndpointProgram { ifindex, identity, allow_host: self.allow_host, ..Default::default() };
+        let mut program = EndpointProgram {
+            ifindex,
+            identity,
+            allow_host: self.allow_host,
+            audit: self.audit.covers(&pod.namespace),
+            ipv4: own_addresses(&pod.ips).0,
+            ipv6: own_addresses(&pod.ips).1,
+            ..Default::default()
+        };
         let mut failures = Vec::new();
         for direction in [Direction::Ingress, Direction::Egress] {
             let input = direction_input(state, &self.ids, pod, direction);
@@ -589,8 +645,7 @@ impl NodeCompiler {
             }
         }
         if program.fail_closed {
-            program.ingress = DirectionEntries { isolated: true, ..Default::default() };
-            program.egress = DirectionEntries { isolated: true, ..Default::default() };
+            program = program.failed_closed();
         }
         if failures.is_empty() {
             self.failures.remove(key);
@@ -643,6 +698,19 @@ impl Churn {
             })
         })
     }
+}
+
+/// A pod's IPv4 and IPv6 address (Kubernetes gives a pod at most one of each family).
+fn own_addresses(ips: &[IpAddr]) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let ipv4 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let ipv6 = ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    (ipv4, ipv6)
 }
 
 fn from_host_net(net: Ipv6Net) -> Option<IpAddr> {
@@ -894,7 +962,7 @@ mod tests {
     fn placeholders_fail_closed_until_the_pod_is_known() {
         let mut state = ClusterState::default();
         let mut compiler = NodeCompiler::new("node0", true);
-        let dirty = compiler.set_placeholder(&state, "ns/late", Some(42));
+        let dirty = compiler.set_placeholder(&state, "ns/late", Some(42), &[]);
         assert!(dirty.endpoints.contains("ns/late"));
         let program = compiler.program().endpoints.get("ns/late").cloned().expect("placeholder programmed");
         assert!(program.fail_closed && program.allow_host && program.ingress.isolated && program.egress.isolated);
@@ -923,7 +991,7 @@ mod tests {
         let old = state.remove_pod("ns/late");
         compiler.apply(&state, &[ClusterChange::Pod { old, new: None }], &|_| None);
         assert_eq!(compiler.program().endpoints.get("ns/late"), Some(&program), "back to the placeholder");
-        compiler.set_placeholder(&state, "ns/late", None);
+        compiler.set_placeholder(&state, "ns/late", None, &[]);
         assert!(!compiler.program().endpoints.contains_key("ns/late"));
     }
 }

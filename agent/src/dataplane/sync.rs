@@ -1,23 +1,29 @@
 //! Applies compiled node state to the policy maps without a window where a pod is unprotected.
 //!
-//! Per-endpoint entries are keyed by an endpoint id, not by the interface. Reprogramming an
-//! endpoint writes the complete new state under a fresh id beside the old one, then switches
-//! `ENDPOINTS[ifindex]` to the new id with one map update (atomic for the kernel program), then
-//! deletes the old id's entries. A packet therefore sees either the old or the new policy,
-//! never a mix. Endpoints whose compiled state did not change are not touched at all, and the
-//! ipcache is synchronised by diff (inserts and updates before deletes).
+//! Per-endpoint entries are keyed by an endpoint slot, not by the interface. Reprogramming an
+//! endpoint writes the complete new state under a fresh slot beside the old one, then switches
+//! `ENDPOINTS[ifindex]` to the new slot with one map update (atomic for the kernel program),
+//! then deletes the old slot's entries. A packet therefore sees either the old or the new
+//! policy, never a mix. Every programming gets a new revision, which makes the conntrack
+//! entries allowed under the old one stale: their next packet is judged against the new
+//! policy. Endpoints whose compiled state did not change are not touched at all, and the
+//! ipcache is synchronised by diff (inserts and updates before deletes), followed by a bump of
+//! the ipcache generation, which makes every conntrack entry stale.
 //!
 //! Capacity is checked before anything is written: if the new state does not fit beside the
 //! old, the endpoint is switched to fail-closed (drops everything but host traffic), which is
 //! logged and counted, never a silent allow.
-use super::compile::DirectionEntries;
+use super::compile::{DirectionEntries, EntryCounts, RuleOrigin};
 use super::lpm::PortPrefix;
 use ipnet::Ipv6Net;
 use netsieve_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_INGRESS_ISOLATED,
-    EndpointInfo, IpcacheValue, MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT, EP_CIDR_RULES, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_PORT_RANGES, EndpointInfo, IpcacheValue, MAX_ENDPOINT_SLOTS,
+    MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
+    MAX_POLICY_PORT_RANGE_ENTRIES, MAX_RULE_COUNTERS, NO_RULE,
 };
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// The compiled state of one local endpoint.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,9 +31,14 @@ pub struct EndpointProgram {
     pub ifindex: u32,
     pub identity: u32,
     pub allow_host: bool,
-    /// Set when compilation failed for this endpoint (bad policy input, too many rule groups):
-    /// the endpoint drops everything but host traffic.
+    /// Set when compilation failed for this endpoint (bad policy input, too many rule groups)
+    /// or its policy is not known yet: the endpoint drops everything but host traffic.
     pub fail_closed: bool,
+    /// Audit mode: what policy would drop passes, counted and reported.
+    pub audit: bool,
+    /// The pod's own addresses: what it may send from (anti-spoofing), and itself.
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
     pub ingress: DirectionEntries,
     pub egress: DirectionEntries,
 }
@@ -35,11 +46,17 @@ pub struct EndpointProgram {
 impl EndpointProgram {
     fn flags(&self) -> u32 {
         let mut flags = 0;
-        if self.ingress.isolated {
-            flags |= EP_INGRESS_ISOLATED;
-        }
-        if self.egress.isolated {
-            flags |= EP_EGRESS_ISOLATED;
+        for (direction, entries) in self.directions() {
+            let shift = u32::from(direction);
+            if entries.isolated {
+                flags |= if direction == DIRECTION_INGRESS { EP_INGRESS_ISOLATED } else { EP_EGRESS_ISOLATED };
+            }
+            if !entries.cidr.is_empty() {
+                flags |= EP_CIDR_RULES << shift;
+            }
+            if !entries.port_ranges.is_empty() {
+                flags |= EP_PORT_RANGES << shift;
+            }
         }
         if self.fail_closed {
             flags |= EP_FAIL_CLOSED;
@@ -47,11 +64,38 @@ impl EndpointProgram {
         if self.allow_host {
             flags |= EP_ALLOW_HOST;
         }
+        if self.audit {
+            flags |= EP_AUDIT;
+        }
+        if self.ipv4.is_some() {
+            flags |= EP_HAS_IPV4;
+        }
+        if self.ipv6.is_some() {
+            flags |= EP_HAS_IPV6;
+        }
         flags
     }
 
-    fn directions(&self) -> [(u8, &DirectionEntries); 2] {
+    pub fn directions(&self) -> [(u8, &DirectionEntries); 2] {
         [(DIRECTION_INGRESS, &self.ingress), (DIRECTION_EGRESS, &self.egress)]
+    }
+
+    /// The fail-closed form of this endpoint: both directions isolated, no rules.
+    pub fn failed_closed(&self) -> EndpointProgram {
+        EndpointProgram {
+            fail_closed: true,
+            ingress: DirectionEntries { isolated: true, ..Default::default() },
+            egress: DirectionEntries { isolated: true, ..Default::default() },
+            ..self.clone()
+        }
+    }
+
+    fn entry_counts(&self) -> EntryCounts {
+        let mut counts = EntryCounts::default();
+        for (_, entries) in self.directions() {
+            counts.add(entries.entry_counts());
+        }
+        counts
     }
 }
 
@@ -59,6 +103,7 @@ impl EndpointProgram {
 /// (`namespace/pod`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeProgram {
+    /// Host addresses (/128 in the IPv4-mapped space) -> identity.
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
     pub endpoints: BTreeMap<String, EndpointProgram>,
 }
@@ -88,14 +133,20 @@ pub trait PolicyMaps {
     fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), Self::Error>;
     fn set_ipcache(&mut self, net: Ipv6Net, value: IpcacheValue) -> Result<(), Self::Error>;
     fn remove_ipcache(&mut self, net: Ipv6Net) -> Result<(), Self::Error>;
-    fn set_identity(&mut self, endpoint_id: u32, direction: u8, identity: u32, bits: u64) -> Result<(), Self::Error>;
-    fn remove_identity(&mut self, endpoint_id: u32, direction: u8, identity: u32) -> Result<(), Self::Error>;
-    fn set_cidr(&mut self, endpoint_id: u32, direction: u8, net: Ipv6Net, bits: u64) -> Result<(), Self::Error>;
-    fn remove_cidr(&mut self, endpoint_id: u32, direction: u8, net: Ipv6Net) -> Result<(), Self::Error>;
-    fn set_port(&mut self, endpoint_id: u32, direction: u8, protocol: u8, prefix: PortPrefix, bits: u64)
+    /// Makes conntrack entries taken under older ipcache contents stale.
+    fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error>;
+    fn set_identity(&mut self, slot: u32, direction: u8, identity: u32, bits: u64) -> Result<(), Self::Error>;
+    fn remove_identity(&mut self, slot: u32, direction: u8, identity: u32) -> Result<(), Self::Error>;
+    fn set_cidr(&mut self, slot: u32, direction: u8, net: Ipv6Net, bits: u64) -> Result<(), Self::Error>;
+    fn remove_cidr(&mut self, slot: u32, direction: u8, net: Ipv6Net) -> Result<(), Self::Error>;
+    fn set_port(&mut self, slot: u32, direction: u8, protocol: u8, port: u16, bits: u64) -> Result<(), Self::Error>;
+    fn remove_port(&mut self, slot: u32, direction: u8, protocol: u8, port: u16) -> Result<(), Self::Error>;
+    fn set_port_range(&mut self, slot: u32, direction: u8, protocol: u8, prefix: PortPrefix, bits: u64)
     -> Result<(), Self::Error>;
-    fn remove_port(&mut self, endpoint_id: u32, direction: u8, protocol: u8, prefix: PortPrefix)
+    fn remove_port_range(&mut self, slot: u32, direction: u8, protocol: u8, prefix: PortPrefix)
     -> Result<(), Self::Error>;
+    /// Zeroes the counters of a slot and of rule counters `rules` before they are reused.
+    fn reset_counters(&mut self, slot: u32, rules: &[std::ops::Range<u32>]) -> Result<(), Self::Error>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +155,8 @@ pub enum SyncError {
     /// (missing entries would turn pods into "world" peers).
     #[error("{needed} addresses exceed the ipcache capacity of {capacity}")]
     IpcacheFull { needed: usize, capacity: usize },
+    #[error("no free endpoint slot for {endpoint}: {live} endpoints programmed")]
+    NoSlot { endpoint: String, live: usize },
     #[error("map update for endpoint {endpoint}: {source}")]
     Map { endpoint: String, source: Box<dyn std::error::Error + Send + Sync> },
 }
@@ -118,28 +171,82 @@ pub struct SyncReport {
     pub ipcache_removed: usize,
 }
 
+/// An endpoint as it is in the maps.
 #[derive(Clone, Debug)]
-struct LiveEndpoint {
-    endpoint_id: u32,
-    revision: u32,
-    program: EndpointProgram,
+pub struct LiveEndpoint {
+    pub slot: u32,
+    pub revision: u32,
+    /// Per direction (ingress, egress): first `RULE_STATS` index, [`NO_RULE`] if none.
+    pub rule_bases: [u32; 2],
+    pub program: EndpointProgram,
+}
+
+impl LiveEndpoint {
+    /// The rule counters of one direction: (counter index, rules of that group).
+    pub fn rule_counters(&self, direction: u8) -> impl Iterator<Item = (u32, &[RuleOrigin])> {
+        let base = self.rule_bases[usize::from(direction & 1)];
+        let entries = if direction == DIRECTION_INGRESS { &self.program.ingress } else { &self.program.egress };
+        entries
+            .groups
+            .iter()
+            .enumerate()
+            .filter(move |_| base != NO_RULE)
+            .map(move |(group, origins)| (base + group as u32, origins.as_slice()))
+    }
+}
+
+/// Contiguous ranges of `RULE_STATS`, first fit.
+#[derive(Debug)]
+struct RangeAllocator {
+    /// Free ranges: start -> end (exclusive).
+    free: BTreeMap<u32, u32>,
+}
+
+impl RangeAllocator {
+    fn new(size: u32) -> RangeAllocator {
+        RangeAllocator { free: BTreeMap::from([(0, size)]) }
+    }
+
+    fn allocate(&mut self, len: u32) -> Option<u32> {
+        let (&start, &end) = self.free.iter().find(|(start, end)| **end - **start >= len)?;
+        self.free.remove(&start);
+        if start + len < end {
+            self.free.insert(start + len, end);
+        }
+        Some(start)
+    }
+
+    fn release(&mut self, start: u32, len: u32) {
+        let mut start = start;
+        let mut end = start + len;
+        // Merge with the neighbours so the free list does not fragment.
+        if let Some((&before, &before_end)) = self.free.range(..start).next_back()
+            && before_end == start
+        {
+            self.free.remove(&before);
+            start = before;
+        }
+        if let Some(after_end) = self.free.remove(&end) {
+            end = after_end;
+        }
+        self.free.insert(start, end);
+    }
 }
 
 /// Remembers what is in the maps so the next sync writes only differences.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Synchronizer {
     live: BTreeMap<String, LiveEndpoint>,
     ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
-    next_endpoint_id: u32,
+    /// Slots in use; new ones are taken round-robin so a freed slot (whose counters the agent
+    /// still has to carry over) is reused as late as possible.
+    used_slots: BTreeSet<u32>,
+    next_slot: u32,
+    rules: RangeAllocator,
+    next_revision: u32,
+    ipcache_generation: u32,
     counts: EntryCounts,
     capacity: Capacity,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EntryCounts {
-    pub identity: usize,
-    pub cidr: usize,
-    pub port: usize,
 }
 
 /// Map capacities the synchronizer plans against.
@@ -149,6 +256,7 @@ pub struct Capacity {
     pub identity: usize,
     pub cidr: usize,
     pub port: usize,
+    pub port_range: usize,
 }
 
 impl Default for Capacity {
@@ -158,24 +266,26 @@ impl Default for Capacity {
             identity: MAX_POLICY_IDENTITY_ENTRIES as usize,
             cidr: MAX_POLICY_CIDR_ENTRIES as usize,
             port: MAX_POLICY_PORT_ENTRIES as usize,
+            port_range: MAX_POLICY_PORT_RANGE_ENTRIES as usize,
         }
     }
 }
 
-fn program_counts(program: &EndpointProgram) -> EntryCounts {
-    let mut counts = EntryCounts::default();
-    for (_, entries) in program.directions() {
-        let (identity, cidr, port) = entries.entry_counts();
-        counts.identity += identity;
-        counts.cidr += cidr;
-        counts.port += port;
-    }
-    counts
-}
-
 impl Synchronizer {
+    /// Revisions and the ipcache generation start at random values, so that the conntrack
+    /// entries a previous agent left in the pinned table can never look current.
     pub fn with_capacity(capacity: Capacity) -> Self {
-        Synchronizer { capacity, next_endpoint_id: 1, ..Default::default() }
+        Synchronizer {
+            live: BTreeMap::new(),
+            ipcache: BTreeMap::new(),
+            used_slots: BTreeSet::new(),
+            next_slot: 0,
+            rules: RangeAllocator::new(MAX_RULE_COUNTERS),
+            next_revision: rand::random(),
+            ipcache_generation: rand::random(),
+            counts: EntryCounts::default(),
+            capacity,
+        }
     }
 
     pub fn entry_counts(&self) -> EntryCounts {
@@ -232,41 +342,27 @@ impl Synchronizer {
             {
                 continue;
             }
-            let previous = self.live.get(name).cloned();
-            let revision = previous.as_ref().map_or(1, |p| p.revision.wrapping_add(1));
-            let endpoint_id = self.allocate_endpoint_id();
-            let mut effective = program.clone();
-            let needed = program_counts(program);
+            let needed = program.entry_counts();
             let fits = self.counts.identity + needed.identity <= self.capacity.identity
                 && self.counts.cidr + needed.cidr <= self.capacity.cidr
-                && self.counts.port + needed.port <= self.capacity.port;
-            if !fits && !program.fail_closed {
+                && self.counts.port + needed.port <= self.capacity.port
+                && self.counts.port_range + needed.port_range <= self.capacity.port_range;
+            let effective = if !fits && !program.fail_closed {
                 tracing::error!(
                     endpoint = %name, ?needed, current = ?self.counts, capacity = ?self.capacity,
                     "policy maps full: endpoint fails closed"
                 );
-                effective = EndpointProgram {
-                    ifindex: program.ifindex,
-                    identity: program.identity,
-                    allow_host: program.allow_host,
-                    fail_closed: true,
-                    ingress: DirectionEntries { isolated: true, ..Default::default() },
-                    egress: DirectionEntries { isolated: true, ..Default::default() },
-                };
-            }
+                program.failed_closed()
+            } else {
+                program.clone()
+            };
             if effective.fail_closed {
                 report.endpoints_failed_closed.push(name.clone());
             }
-            self.write_entries(maps, endpoint_id, &effective).map_err(map_err(name))?;
-            let info = EndpointInfo { endpoint_id, flags: effective.flags(), identity: effective.identity, revision };
-            maps.set_endpoint(effective.ifindex, info).map_err(map_err(name))?;
-            if let Some(old) = previous {
-                if old.program.ifindex != effective.ifindex {
-                    maps.remove_endpoint(old.program.ifindex).map_err(map_err(name))?;
-                }
-                self.delete_entries(maps, old.endpoint_id, &old.program).map_err(map_err(name))?;
-            }
-            self.live.insert(name.clone(), LiveEndpoint { endpoint_id, revision, program: effective });
+            self.program_endpoint(maps, name, effective).map_err(|e| match e {
+                ProgramError::Map(source) => SyncError::Map { endpoint: name.clone(), source: Box::new(source) },
+                ProgramError::NoSlot => SyncError::NoSlot { endpoint: name.clone(), live: self.live.len() },
+            })?;
             report.endpoints_programmed += 1;
         }
 
@@ -274,7 +370,7 @@ impl Synchronizer {
         for name in dirty.endpoints.iter().filter(|n| !target.endpoints.contains_key(*n)) {
             if let Some(old) = self.live.remove(name) {
                 maps.remove_endpoint(old.program.ifindex).map_err(map_err(name))?;
-                self.delete_entries(maps, old.endpoint_id, &old.program).map_err(map_err(name))?;
+                self.retire(maps, &old).map_err(map_err(name))?;
                 report.endpoints_removed += 1;
             }
         }
@@ -288,7 +384,71 @@ impl Synchronizer {
             self.ipcache.remove(net);
             report.ipcache_removed += 1;
         }
+
+        // 5. Flows allowed under the old ipcache are judged again at their next packet.
+        if report.ipcache_written + report.ipcache_removed > 0 {
+            self.ipcache_generation = self.ipcache_generation.wrapping_add(1);
+            maps.set_ipcache_generation(self.ipcache_generation).map_err(map_err("ipcache"))?;
+        }
         Ok(report)
+    }
+
+    /// Writes an endpoint under a fresh slot and revision, switches its interface to it, and
+    /// retires what it replaces.
+    fn program_endpoint<M: PolicyMaps>(&mut self, maps: &mut M, name: &str, program: EndpointProgram) -> Result<(), ProgramError<M::Error>> {
+        let previous = self.live.get(name).cloned();
+        let slot = self.allocate_slot().ok_or(ProgramError::NoSlot)?;
+        let revision = self.next_revision;
+        self.next_revision = self.next_revision.wrapping_add(1);
+        let mut rule_bases = [NO_RULE; 2];
+        let mut rule_ranges = Vec::new();
+        for (direction, entries) in program.directions() {
+            let groups = entries.groups.len() as u32;
+            if groups == 0 {
+                continue;
+            }
+            match self.rules.allocate(groups) {
+                Some(base) => {
+                    rule_bases[usize::from(direction)] = base;
+                    rule_ranges.push(base..base + groups);
+                }
+                None => tracing::warn!(endpoint = %name, "rule counters exhausted: no per-rule counts for this endpoint"),
+            }
+        }
+        let result = (|| {
+            maps.reset_counters(slot, &rule_ranges)?;
+            self.write_entries(maps, slot, &program)?;
+            maps.set_endpoint(program.ifindex, endpoint_info(&program, slot, revision, rule_bases))
+        })();
+        if let Err(error) = result {
+            // Nothing points at the new slot; the retry of the whole sync starts over.
+            let live = LiveEndpoint { slot, revision, rule_bases, program };
+            let _ = self.retire(maps, &live);
+            return Err(ProgramError::Map(error));
+        }
+        if let Some(old) = &previous
+            && old.program.ifindex != program.ifindex
+        {
+            maps.remove_endpoint(old.program.ifindex).map_err(ProgramError::Map)?;
+        }
+        self.live.insert(name.to_string(), LiveEndpoint { slot, revision, rule_bases, program });
+        if let Some(old) = previous {
+            self.retire(maps, &old).map_err(ProgramError::Map)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an endpoint programming's entries and frees its slot and rule counters.
+    fn retire<M: PolicyMaps>(&mut self, maps: &mut M, old: &LiveEndpoint) -> Result<(), M::Error> {
+        self.delete_entries(maps, old.slot, &old.program)?;
+        self.used_slots.remove(&old.slot);
+        for (direction, entries) in old.program.directions() {
+            let base = old.rule_bases[usize::from(direction)];
+            if base != NO_RULE {
+                self.rules.release(base, entries.groups.len() as u32);
+            }
+        }
+        Ok(())
     }
 
     /// Entries in the ipcache as last written.
@@ -296,57 +456,89 @@ impl Synchronizer {
         self.ipcache.len()
     }
 
-    /// Programmed endpoints: (name, endpoint id, ifindex).
+    /// Programmed endpoints: (name, slot, ifindex).
     pub fn live_endpoints(&self) -> impl Iterator<Item = (&str, u32, u32)> {
-        self.live.iter().map(|(name, l)| (name.as_str(), l.endpoint_id, l.program.ifindex))
+        self.live.iter().map(|(name, l)| (name.as_str(), l.slot, l.program.ifindex))
     }
 
-    fn allocate_endpoint_id(&mut self) -> u32 {
-        // Ids are never reused while live; u32 wrap-around after 4 billion reprogrammings
-        // skips ids still in use.
-        loop {
-            let id = self.next_endpoint_id.max(1);
-            self.next_endpoint_id = id.wrapping_add(1);
-            if !self.live.values().any(|l| l.endpoint_id == id) {
-                return id;
+    /// Programmed endpoints with everything known about them.
+    pub fn live(&self) -> impl Iterator<Item = (&str, &LiveEndpoint)> {
+        self.live.iter().map(|(name, l)| (name.as_str(), l))
+    }
+
+    fn allocate_slot(&mut self) -> Option<u32> {
+        for offset in 0..MAX_ENDPOINT_SLOTS {
+            let slot = (self.next_slot + offset) % MAX_ENDPOINT_SLOTS;
+            if self.used_slots.insert(slot) {
+                self.next_slot = (slot + 1) % MAX_ENDPOINT_SLOTS;
+                return Some(slot);
             }
         }
+        None
     }
 
-    fn write_entries<M: PolicyMaps>(&mut self, maps: &mut M, id: u32, program: &EndpointProgram) -> Result<(), M::Error> {
+    fn write_entries<M: PolicyMaps>(&mut self, maps: &mut M, slot: u32, program: &EndpointProgram) -> Result<(), M::Error> {
         for (direction, entries) in program.directions() {
             for (identity, bits) in &entries.identity {
-                maps.set_identity(id, direction, *identity, *bits)?;
+                maps.set_identity(slot, direction, *identity, *bits)?;
                 self.counts.identity += 1;
             }
             for (net, bits) in &entries.cidr {
-                maps.set_cidr(id, direction, *net, *bits)?;
+                maps.set_cidr(slot, direction, *net, *bits)?;
                 self.counts.cidr += 1;
             }
-            for ((protocol, prefix), bits) in &entries.port {
-                maps.set_port(id, direction, *protocol, *prefix, *bits)?;
+            for ((protocol, port), bits) in &entries.port {
+                maps.set_port(slot, direction, *protocol, *port, *bits)?;
                 self.counts.port += 1;
+            }
+            for ((protocol, prefix), bits) in &entries.port_ranges {
+                maps.set_port_range(slot, direction, *protocol, *prefix, *bits)?;
+                self.counts.port_range += 1;
             }
         }
         Ok(())
     }
 
-    fn delete_entries<M: PolicyMaps>(&mut self, maps: &mut M, id: u32, program: &EndpointProgram) -> Result<(), M::Error> {
+    fn delete_entries<M: PolicyMaps>(&mut self, maps: &mut M, slot: u32, program: &EndpointProgram) -> Result<(), M::Error> {
         for (direction, entries) in program.directions() {
             for identity in entries.identity.keys() {
-                maps.remove_identity(id, direction, *identity)?;
+                maps.remove_identity(slot, direction, *identity)?;
                 self.counts.identity = self.counts.identity.saturating_sub(1);
             }
             for net in entries.cidr.keys() {
-                maps.remove_cidr(id, direction, *net)?;
+                maps.remove_cidr(slot, direction, *net)?;
                 self.counts.cidr = self.counts.cidr.saturating_sub(1);
             }
-            for (protocol, prefix) in entries.port.keys() {
-                maps.remove_port(id, direction, *protocol, *prefix)?;
+            for (protocol, port) in entries.port.keys() {
+                maps.remove_port(slot, direction, *protocol, *port)?;
                 self.counts.port = self.counts.port.saturating_sub(1);
+            }
+            for (protocol, prefix) in entries.port_ranges.keys() {
+                maps.remove_port_range(slot, direction, *protocol, *prefix)?;
+                self.counts.port_range = self.counts.port_range.saturating_sub(1);
             }
         }
         Ok(())
+    }
+}
+
+enum ProgramError<E> {
+    Map(E),
+    NoSlot,
+}
+
+/// The `ENDPOINTS` value of a programmed endpoint.
+pub fn endpoint_info(program: &EndpointProgram, slot: u32, revision: u32, rule_bases: [u32; 2]) -> EndpointInfo {
+    EndpointInfo {
+        endpoint_id: slot,
+        flags: program.flags(),
+        identity: program.identity,
+        revision,
+        rule_base: rule_bases,
+        any_peer_bits: [program.ingress.any_peer, program.egress.any_peer],
+        ipv4: program.ipv4.map_or([0; 4], |ip| ip.octets()),
+        ipv6: program.ipv6.map_or([0; 16], |ip| ip.octets()),
+        _pad: [0; 4],
     }
 }
 
@@ -356,10 +548,13 @@ impl Synchronizer {
 pub struct ModelMaps {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
+    pub ipcache_generation: u32,
     pub identity: BTreeMap<(u32, u8, u32), u64>,
     pub cidr: BTreeMap<(u32, u8, Ipv6Net), u64>,
-    pub port: BTreeMap<(u32, u8, u8, PortPrefix), u64>,
-    /// Called after every operation with the maps' state, to assert invariants mid-sync.
+    pub port: BTreeMap<(u32, u8, u8, u16), u64>,
+    pub port_range: BTreeMap<(u32, u8, u8, PortPrefix), u64>,
+    /// Slots whose counters were reset.
+    pub counter_resets: Vec<u32>,
     pub operations: usize,
 }
 
@@ -385,34 +580,54 @@ impl PolicyMaps for ModelMaps {
         self.ipcache.remove(&net);
         Ok(())
     }
-    fn set_identity(&mut self, id: u32, dir: u8, identity: u32, bits: u64) -> Result<(), Self::Error> {
+    fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.identity.insert((id, dir, identity), bits);
+        self.ipcache_generation = generation;
         Ok(())
     }
-    fn remove_identity(&mut self, id: u32, dir: u8, identity: u32) -> Result<(), Self::Error> {
+    fn set_identity(&mut self, slot: u32, dir: u8, identity: u32, bits: u64) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.identity.remove(&(id, dir, identity));
+        self.identity.insert((slot, dir, identity), bits);
         Ok(())
     }
-    fn set_cidr(&mut self, id: u32, dir: u8, net: Ipv6Net, bits: u64) -> Result<(), Self::Error> {
+    fn remove_identity(&mut self, slot: u32, dir: u8, identity: u32) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.cidr.insert((id, dir, net), bits);
+        self.identity.remove(&(slot, dir, identity));
         Ok(())
     }
-    fn remove_cidr(&mut self, id: u32, dir: u8, net: Ipv6Net) -> Result<(), Self::Error> {
+    fn set_cidr(&mut self, slot: u32, dir: u8, net: Ipv6Net, bits: u64) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.cidr.remove(&(id, dir, net));
+        self.cidr.insert((slot, dir, net), bits);
         Ok(())
     }
-    fn set_port(&mut self, id: u32, dir: u8, protocol: u8, prefix: PortPrefix, bits: u64) -> Result<(), Self::Error> {
+    fn remove_cidr(&mut self, slot: u32, dir: u8, net: Ipv6Net) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.port.insert((id, dir, protocol, prefix), bits);
+        self.cidr.remove(&(slot, dir, net));
         Ok(())
     }
-    fn remove_port(&mut self, id: u32, dir: u8, protocol: u8, prefix: PortPrefix) -> Result<(), Self::Error> {
+    fn set_port(&mut self, slot: u32, dir: u8, protocol: u8, port: u16, bits: u64) -> Result<(), Self::Error> {
         self.operations += 1;
-        self.port.remove(&(id, dir, protocol, prefix));
+        self.port.insert((slot, dir, protocol, port), bits);
+        Ok(())
+    }
+    fn remove_port(&mut self, slot: u32, dir: u8, protocol: u8, port: u16) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.port.remove(&(slot, dir, protocol, port));
+        Ok(())
+    }
+    fn set_port_range(&mut self, slot: u32, dir: u8, protocol: u8, prefix: PortPrefix, bits: u64) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.port_range.insert((slot, dir, protocol, prefix), bits);
+        Ok(())
+    }
+    fn remove_port_range(&mut self, slot: u32, dir: u8, protocol: u8, prefix: PortPrefix) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.port_range.remove(&(slot, dir, protocol, prefix));
+        Ok(())
+    }
+    fn reset_counters(&mut self, slot: u32, _rules: &[std::ops::Range<u32>]) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.counter_resets.push(slot);
         Ok(())
     }
 }
@@ -429,20 +644,21 @@ mod tests {
             rules: vec![RuleInput {
                 peers: vec![PeerInput::Identities([allowed_identity].into())],
                 ports: PortSetInput::Ranges([(PROTO_TCP, port, port)].into()),
+                origin: Default::default(),
             }],
         };
         EndpointProgram {
             ifindex,
             identity: 500,
             allow_host: true,
-            fail_closed: false,
+            ipv4: Some(Ipv4Addr::new(10, 0, 0, ifindex as u8)),
             ingress: compile_direction(&input).expect("compiles"),
-            egress: DirectionEntries::default(),
+            ..Default::default()
         }
     }
 
     #[test]
-    fn unchanged_endpoints_are_not_rewritten_and_changes_switch_ids() {
+    fn unchanged_endpoints_are_not_rewritten_and_changes_switch_slots() {
         let mut maps = ModelMaps::default();
         let mut sync = Synchronizer::with_capacity(Capacity::default());
         let mut node = NodeProgram::default();
@@ -455,15 +671,19 @@ mod tests {
         assert_eq!(again.endpoints_programmed, 0);
         assert_eq!(maps.operations, before, "no-op sync wrote to the maps");
 
-        let old_id = maps.endpoints[&10].endpoint_id;
+        let old = maps.endpoints[&10];
         node.endpoints.insert("a/x".into(), program(10, 302, 80));
         let changed = sync.sync(&mut maps, &node).expect("sync");
         assert_eq!(changed.endpoints_programmed, 1);
-        let new_id = maps.endpoints[&10].endpoint_id;
-        assert_ne!(old_id, new_id);
-        assert!(maps.identity.keys().all(|(id, _, _)| *id != old_id), "old entries left behind");
-        assert_eq!(maps.identity.get(&(new_id, DIRECTION_INGRESS, 302)), Some(&1));
-        assert_eq!(maps.endpoints[&10].revision, 2);
+        let new = maps.endpoints[&10];
+        assert_ne!(old.endpoint_id, new.endpoint_id);
+        assert_ne!(old.revision, new.revision, "a new programming must make conntrack entries stale");
+        assert!(maps.identity.keys().all(|(slot, _, _)| *slot != old.endpoint_id), "old entries left behind");
+        assert_eq!(maps.identity.get(&(new.endpoint_id, DIRECTION_INGRESS, 302)), Some(&1));
+        assert_eq!(new.ipv4, [10, 0, 0, 10]);
+        assert_ne!(new.flags & EP_HAS_IPV4, 0);
+        assert!(maps.counter_resets.contains(&new.endpoint_id), "a reused slot starts from zero");
+        assert_ne!(new.rule_base[0], NO_RULE);
 
         node.endpoints.remove("a/y");
         let removed = sync.sync(&mut maps, &node).expect("sync");
@@ -473,9 +693,44 @@ mod tests {
     }
 
     #[test]
+    fn ipcache_changes_bump_the_generation_once_per_sync() {
+        let mut maps = ModelMaps::default();
+        let mut sync = Synchronizer::with_capacity(Capacity::default());
+        let mut node = NodeProgram::default();
+        let net = |i: u8| crate::dataplane::lpm::to_mapped(std::net::IpAddr::from([10, 0, 0, i]).into());
+        node.ipcache.insert(net(1), IpcacheValue { identity: 300, flags: 0 });
+        node.ipcache.insert(net(2), IpcacheValue { identity: 301, flags: 0 });
+        sync.sync(&mut maps, &node).expect("sync");
+        let first = maps.ipcache_generation;
+        sync.sync(&mut maps, &node).expect("sync");
+        assert_eq!(maps.ipcache_generation, first, "no change, no bump");
+        node.ipcache.remove(&net(2));
+        sync.sync(&mut maps, &node).expect("sync");
+        assert_eq!(maps.ipcache_generation, first.wrapping_add(1));
+    }
+
+    #[test]
+    fn slots_are_reused_round_robin_and_rule_counters_are_freed() {
+        let mut maps = ModelMaps::default();
+        let mut sync = Synchronizer::with_capacity(Capacity::default());
+        let mut node = NodeProgram::default();
+        let mut seen = BTreeSet::new();
+        for round in 0..(MAX_ENDPOINT_SLOTS + 10) {
+            node.endpoints.insert("a/x".into(), program(10, 300 + round % 2, 80));
+            sync.sync(&mut maps, &node).expect("sync");
+            seen.insert(maps.endpoints[&10].endpoint_id);
+        }
+        assert_eq!(seen.len() as u32, MAX_ENDPOINT_SLOTS, "every slot used before any is reused");
+        let free: u32 = sync.rules.free.iter().map(|(start, end)| end - start).sum();
+        assert_eq!(free, MAX_RULE_COUNTERS - 1, "only the live endpoint's one group holds a counter");
+        assert_eq!(sync.live.len(), 1);
+    }
+
+    #[test]
     fn a_full_map_fails_the_endpoint_closed() {
         let mut maps = ModelMaps::default();
-        let mut sync = Synchronizer::with_capacity(Capacity { ipcache: 10, identity: 1, cidr: 10, port: 10 });
+        let mut sync =
+            Synchronizer::with_capacity(Capacity { ipcache: 10, identity: 1, cidr: 10, port: 10, port_range: 10 });
         let mut node = NodeProgram::default();
         node.endpoints.insert("a/x".into(), program(10, 300, 80));
         node.endpoints.insert("a/y".into(), program(11, 301, 81));
@@ -494,5 +749,21 @@ mod tests {
         }
         assert!(matches!(sync.sync(&mut maps, &node), Err(SyncError::IpcacheFull { needed: 11, capacity: 10 })));
         assert_eq!(maps.operations, before);
+    }
+
+    #[test]
+    fn rule_counter_ranges_merge_when_freed() {
+        let mut ranges = RangeAllocator::new(100);
+        let a = ranges.allocate(10).expect("a");
+        let b = ranges.allocate(20).expect("b");
+        let c = ranges.allocate(30).expect("c");
+        assert_eq!((a, b, c), (0, 10, 30));
+        ranges.release(b, 20);
+        ranges.release(a, 10);
+        assert_eq!(ranges.allocate(25), Some(0), "a and b merged");
+        ranges.release(0, 25);
+        ranges.release(c, 30);
+        assert_eq!(ranges.free, BTreeMap::from([(0, 100)]));
+        assert_eq!(ranges.allocate(101), None);
     }
 }

@@ -1,0 +1,116 @@
+//! Conntrack of netsieve's own: flows allowed on a pod interface, keyed canonically so that
+//! both directions of a flow find one entry with one lookup.
+use crate::packet::{Packet, TCP_FIN, TCP_RST};
+use netsieve_common::{
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_INITIATOR_A, FLOW_REFRESH_NS, FlowKey, FlowState,
+    PROTO_TCP, PROTO_UDP, flow_order,
+};
+
+const NS: u64 = 1_000_000_000;
+const TIMEOUT_TCP_NEW_NS: u64 = 60 * NS;
+const TIMEOUT_TCP_ESTABLISHED_NS: u64 = 6 * 3600 * NS;
+const TIMEOUT_TCP_CLOSING_NS: u64 = 10 * NS;
+const TIMEOUT_UDP_NS: u64 = 120 * NS;
+const TIMEOUT_OTHER_NS: u64 = 60 * NS;
+
+/// A packet's flow key, and whether the packet's source is end `a` of the key.
+pub struct FlowRef {
+    pub key: FlowKey,
+    pub src_is_a: bool,
+}
+
+/// The key of the flow `src:src_port -> dst:dst_port` on `ifindex`.
+#[inline(always)]
+pub fn tuple_key(ifindex: u32, protocol: u8, src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16) -> FlowRef {
+    let src_is_a = flow_order(src, src_port, dst, dst_port);
+    let key = if src_is_a {
+        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: src_port, port_b: dst_port, addr_a: *src, addr_b: *dst }
+    } else {
+        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: dst_port, port_b: src_port, addr_a: *dst, addr_b: *src }
+    };
+    FlowRef { key, src_is_a }
+}
+
+#[inline(always)]
+pub fn packet_key(ifindex: u32, packet: &Packet) -> FlowRef {
+    tuple_key(ifindex, packet.protocol, &packet.src, packet.src_port, &packet.dst, packet.dst_port)
+}
+
+#[inline(always)]
+pub fn timeout_ns(protocol: u8, state: u8) -> u64 {
+    match (protocol, state) {
+        (PROTO_TCP, CT_STATE_ESTABLISHED) => TIMEOUT_TCP_ESTABLISHED_NS,
+        (PROTO_TCP, CT_STATE_CLOSING) => TIMEOUT_TCP_CLOSING_NS,
+        (PROTO_TCP, _) => TIMEOUT_TCP_NEW_NS,
+        (PROTO_UDP, _) => TIMEOUT_UDP_NS,
+        _ => TIMEOUT_OTHER_NS,
+    }
+}
+
+/// The lifecycle state after a packet. `reply`: the packet goes from responder to initiator.
+#[inline(always)]
+pub fn next_state(protocol: u8, current: u8, tcp_flags: u8, reply: bool) -> u8 {
+    if protocol != PROTO_TCP {
+        return CT_STATE_ESTABLISHED;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 || current == CT_STATE_CLOSING {
+        CT_STATE_CLOSING
+    } else if reply || current == CT_STATE_ESTABLISHED {
+        CT_STATE_ESTABLISHED
+    } else {
+        CT_STATE_NEW
+    }
+}
+
+/// Idle for longer than its state allows.
+#[inline(always)]
+pub fn expired(key: &FlowKey, state: &FlowState, now: u64) -> bool {
+    now.saturating_sub(state.last_seen_ns) > timeout_ns(key.protocol, state.tcp_state)
+}
+
+/// Whether the packet whose source is end `a` (`src_is_a`) goes from the flow's initiator.
+#[inline(always)]
+pub fn from_initiator(state: &FlowState, src_is_a: bool) -> bool {
+    (state.flags & FLOW_INITIATOR_A != 0) == src_is_a
+}
+
+/// The responder end of a flow (address, port): the peer of an egress flow, the pod of an
+/// ingress flow.
+#[inline(always)]
+pub fn responder<'a>(key: &'a FlowKey, state: &FlowState) -> (&'a [u8; 16], u16) {
+    if state.flags & FLOW_INITIATOR_A != 0 { (&key.addr_b, key.port_b) } else { (&key.addr_a, key.port_a) }
+}
+
+/// The initiator end of a flow (address, port).
+#[inline(always)]
+pub fn initiator<'a>(key: &'a FlowKey, state: &FlowState) -> (&'a [u8; 16], u16) {
+    if state.flags & FLOW_INITIATOR_A != 0 { (&key.addr_a, key.port_a) } else { (&key.addr_b, key.port_b) }
+}
+
+/// Records a packet of a live flow: writes only when the lifecycle state changes or the
+/// timestamp is more than [`FLOW_REFRESH_NS`] old, so an established flow costs no write
+/// per packet.
+///
+/// # Safety
+/// `state` must point to a live map value.
+#[inline(always)]
+pub unsafe fn touch(state: *mut FlowState, protocol: u8, tcp_flags: u8, reply: bool, now: u64) {
+    // SAFETY: the caller's pointer is a map value valid for this program run; concurrent
+    // writers only move timestamps and lifecycle states forward.
+    unsafe {
+        let current = (*state).tcp_state;
+        let next = next_state(protocol, current, tcp_flags, reply);
+        if next != current {
+            (*state).tcp_state = next;
+        }
+        if now.saturating_sub((*state).last_seen_ns) > FLOW_REFRESH_NS {
+            (*state).last_seen_ns = now;
+        }
+    }
+}
+
+/// The state of a flow opened by this packet.
+#[inline(always)]
+pub fn opened_state(packet: &Packet) -> u8 {
+    next_state(packet.protocol, CT_STATE_NEW, packet.tcp_flags, false)
+}

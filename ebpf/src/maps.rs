@@ -1,0 +1,42 @@
+//! Every map of the programs. Names are the kernel object names (at most 15 characters) the
+//! agent finds them by.
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+use netsieve_common::*;
+
+#[map(name = "ENDPOINTS")]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+#[map(name = "IPCACHE")]
+pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> = HashMap::with_max_entries(MAX_IPCACHE_ENTRIES, 0);
+#[map(name = "POLICY_IDENTITY")]
+pub static POLICY_IDENTITY: HashMap<PolicyIdentityKey, RuleMask> =
+    HashMap::with_max_entries(MAX_POLICY_IDENTITY_ENTRIES, 0);
+#[map(name = "POLICY_CIDR")]
+pub static POLICY_CIDR: LpmTrie<PolicyCidrKeyData, RuleMask> = LpmTrie::with_max_entries(MAX_POLICY_CIDR_ENTRIES, 0);
+#[map(name = "POLICY_PORT")]
+pub static POLICY_PORT: HashMap<PolicyPortKey, RuleMask> = HashMap::with_max_entries(MAX_POLICY_PORT_ENTRIES, 0);
+#[map(name = "POLICY_RANGE")]
+pub static POLICY_RANGE: LpmTrie<PolicyPortRangeKeyData, RuleMask> =
+    LpmTrie::with_max_entries(MAX_POLICY_PORT_RANGE_ENTRIES, 0);
+#[map(name = "CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> = LruHashMap::with_max_entries(MAX_CONNTRACK_ENTRIES, 0);
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::with_max_entries(MAX_FRAGMENT_ENTRIES, 0);
+#[map(name = "DROP_COUNTERS")]
+pub static DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT * 2, 0);
+#[map(name = "AUDIT_COUNTERS")]
+pub static AUDIT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT * 2, 0);
+#[map(name = "ENDPOINT_STATS")]
+pub static ENDPOINT_STATS: PerCpuArray<EndpointStats> = PerCpuArray::with_max_entries(MAX_ENDPOINT_SLOTS, 0);
+#[map(name = "RULE_STATS")]
+pub static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAX_RULE_COUNTERS, 0);
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+#[map(name = "NF_OFFSETS")]
+pub static NF_OFFSETS: Array<NfOffsets> = Array::with_max_entries(1, 0);
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+#[map(name = "EVENT_BUCKETS")]
+pub static EVENT_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "EVENT_COUNTERS")]
+pub static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNTER_COUNT, 0);

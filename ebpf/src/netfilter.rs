@@ -1,0 +1,279 @@
+//! The egress verdict after kube-proxy's DNAT, from a BPF_PROG_TYPE_NETFILTER program
+//! attached at POST_ROUTING (before source NAT) and LOCAL_IN.
+//!
+//! The TC program on the pod's veth cannot judge a packet to a Service ClusterIP: the
+//! destination is rewritten to the backend kube-proxy picks only later, in netfilter. So TC
+//! defers egress flows to unknown addresses (recording them as `FLOW_DEFERRED`) and this
+//! program judges them on the backend conntrack chose, with the same maps and the same
+//! [`judge_flow`] as TC. It also judges every translated flow (a NodePort on the node's own
+//! address, which TC allowed as node traffic). Kernel structures are read with
+//! `bpf_probe_read_kernel` at offsets the agent resolves from the running kernel's BTF
+//! (`NF_OFFSETS`), so one object serves every kernel.
+use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
+use crate::maps::{CONNTRACK, ENDPOINTS, NF_OFFSETS};
+use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
+use crate::verdict::{Judgement, Outcome, account, judge_flow, now_precise, settings, structural_drop};
+use crate::{flow, packet::Packet};
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use netsieve_common::{
+    CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
+    FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NO_RULE, NfOffsets, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_MALFORMED,
+};
+
+pub const NF_DROP: i32 = 0;
+pub const NF_ACCEPT: i32 = 1;
+/// `enum ip_conntrack_info`: packets related to a connection (ICMP errors).
+const IP_CT_RELATED: u64 = 1;
+/// `enum ip_conntrack_info`: this value and above are reply-direction packets.
+const IP_CT_IS_REPLY: u64 = 3;
+const AF_INET: u16 = 2;
+/// Kernel structures the program reads are far smaller; bounds every offset for the verifier.
+const OFFSET_MASK: usize = 0xffff;
+
+/// `struct bpf_nf_ctx`.
+#[repr(C)]
+pub struct NfContext {
+    pub state: *const u8,
+    pub skb: *const u8,
+}
+
+#[inline(always)]
+fn read<T: Copy>(base: usize, offset: u32) -> Result<T, ()> {
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-tolerant accessor; a bad
+    // address yields an error, never a fault.
+    unsafe { bpf_probe_read_kernel((base + (offset as usize & OFFSET_MASK)) as *const T) }.map_err(|_| ())
+}
+
+/// One direction's tuple of a conntrack entry, in the key form of every address map.
+struct Tuple {
+    src: [u8; 16],
+    src_port: u16,
+    dst: [u8; 16],
+    dst_port: u16,
+    protocol: u8,
+}
+
+fn key_form(raw: [u8; 16], l3num: u16) -> [u8; 16] {
+    if l3num != AF_INET {
+        return raw;
+    }
+    let mut mapped = [0u8; 16];
+    mapped[10] = 0xff;
+    mapped[11] = 0xff;
+    mapped[12..].copy_from_slice(&raw[..4]);
+    mapped
+}
+
+/// Reads a `struct nf_conntrack_tuple`.
+#[inline(always)]
+fn read_tuple(base: usize, offsets: &NfOffsets, l3num: u16) -> Result<Tuple, ()> {
+    let protocol: u8 = read(base, offsets.tuple_protonum)?;
+    let src: [u8; 16] = read(base, offsets.tuple_src_addr)?;
+    let dst: [u8; 16] = read(base, offsets.tuple_dst_addr)?;
+    let src_port = u16::from_be(read::<u16>(base, offsets.tuple_src_port)?);
+    // ICMP echo: the identifier (in the source half) stands for both ports, as in the TC
+    // parser; the destination half holds type and code.
+    let dst_port = if matches!(protocol, PROTO_ICMP | PROTO_ICMPV6) {
+        src_port
+    } else {
+        u16::from_be(read::<u16>(base, offsets.tuple_dst_port)?)
+    };
+    Ok(Tuple { src: key_form(src, l3num), src_port, dst: key_form(dst, l3num), dst_port, protocol })
+}
+
+/// The packet from its network header, through `bpf_probe_read_kernel` (untracked packets).
+struct KernelBytes {
+    base: usize,
+    len: usize,
+}
+
+impl PacketBytes for KernelBytes {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Result<T, Malformed> {
+        if offset + core::mem::size_of::<T>() > self.len || offset > OFFSET_MASK {
+            return Err(Malformed);
+        }
+        // SAFETY: as in `read`.
+        unsafe { bpf_probe_read_kernel((self.base + offset) as *const T) }.map_err(|_| Malformed)
+    }
+
+    #[inline(always)]
+    fn l3_len(&self) -> usize {
+        self.len
+    }
+}
+
+/// What the netfilter hook judges: the flow as the pod opened it and where it really goes.
+struct Seen {
+    original: Tuple,
+    backend: [u8; 16],
+    backend_port: u16,
+}
+
+/// Reads the flow of the packet: from its conntrack entry when it has one (original tuple,
+/// and the reply tuple's source = the backend DNAT chose), else from the packet itself.
+/// `Ok(None)`: nothing to judge here (a reply or related packet, not IP).
+#[inline(always)]
+fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
+    let nfct: u64 = read(skb, offsets.skb_nfct).map_err(|_| Malformed)?;
+    let ct = (nfct & !7) as usize;
+    let ctinfo = nfct & 7;
+    if ct != 0 {
+        // Replies were judged on the pod's side by TC; related packets (ICMP errors) belong to
+        // a connection that was judged.
+        if ctinfo >= IP_CT_IS_REPLY || ctinfo == IP_CT_RELATED {
+            return Ok(None);
+        }
+        let hashes = ct + (offsets.ct_tuplehash as usize & OFFSET_MASK);
+        let original_base = hashes + (offsets.tuplehash_tuple as usize & OFFSET_MASK);
+        let reply_base = original_base + (offsets.tuplehash_size as usize & OFFSET_MASK);
+        let l3num: u16 = read(original_base, offsets.tuple_l3num).map_err(|_| Malformed)?;
+        let original = read_tuple(original_base, offsets, l3num).map_err(|_| Malformed)?;
+        let reply = read_tuple(reply_base, offsets, l3num).map_err(|_| Malformed)?;
+        return Ok(Some(Seen { backend: reply.src, backend_port: reply.src_port, original }));
+    }
+    let head: usize = read(skb, offsets.skb_head).map_err(|_| Malformed)?;
+    let network: u16 = read(skb, offsets.skb_network_header).map_err(|_| Malformed)?;
+    let len: u32 = read(skb, offsets.skb_len).map_err(|_| Malformed)?;
+    let data_len: u32 = read(skb, offsets.skb_data_len).map_err(|_| Malformed)?;
+    // Only the linear area is read: at these hooks it starts at the network header.
+    let bytes = KernelBytes { base: head + network as usize, len: len.saturating_sub(data_len) as usize };
+    let version = bytes.load::<u8>(0)? >> 4;
+    match parse_ip(&bytes, version)? {
+        Parsed::Pass => Ok(None),
+        Parsed::Ip(packet) => Ok(Some(Seen {
+            backend: packet.dst,
+            backend_port: packet.dst_port,
+            original: Tuple {
+                src: packet.src,
+                src_port: packet.src_port,
+                dst: packet.dst,
+                dst_port: packet.dst_port,
+                protocol: packet.protocol,
+            },
+        })),
+    }
+}
+
+/// Judges one packet at a netfilter hook; returns NF_ACCEPT or NF_DROP.
+///
+/// # Safety
+/// `ctx` must be the context the kernel passed to the program.
+#[inline(always)]
+pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
+    let Some(offsets) = NF_OFFSETS.get(0) else { return NF_ACCEPT };
+    if offsets.ready == 0 {
+        return NF_ACCEPT;
+    }
+    // SAFETY: the caller passes the kernel's context; `skb` is its second field.
+    let skb = unsafe { (*ctx).skb } as usize;
+    let Ok(ifindex) = read::<u32>(skb, offsets.skb_iif) else { return NF_ACCEPT };
+    // Only packets a local pod sent: the interface they entered the node on is its veth.
+    // SAFETY: plain read of a map value.
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return NF_ACCEPT };
+    if endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0 {
+        return NF_ACCEPT;
+    }
+    let bytes = read::<u32>(skb, offsets.skb_len).unwrap_or(0) as u64;
+    let seen = match seen(skb, offsets) {
+        Ok(Some(seen)) => seen,
+        Ok(None) => return NF_ACCEPT,
+        Err(Malformed) => {
+            structural_drop(REASON_MALFORMED, ifindex, DIRECTION_EGRESS, Some(endpoint), &Packet::empty(), bytes, HOOK_NETFILTER);
+            return NF_DROP;
+        }
+    };
+    let original = &seen.original;
+    let translated = seen.backend != original.dst || seen.backend_port != original.dst_port;
+    let settings = settings();
+    let now = now_precise();
+    let flow = flow::tuple_key(ifindex, original.protocol, &original.src, original.src_port, &original.dst, original.dst_port);
+    let entry = CONNTRACK.get_ptr_mut(&flow.key);
+    let packet = Packet {
+        src: original.src,
+        dst: seen.backend,
+        protocol: original.protocol,
+        src_port: original.src_port,
+        dst_port: seen.backend_port,
+        ..Packet::empty()
+    };
+    if let Some(state) = entry {
+        // SAFETY: a live map value for this program run.
+        let s = unsafe { &*state };
+        if s.flags & FLOW_DEFERRED == 0 && !translated {
+            // TC judged this flow on its real destination.
+            return NF_ACCEPT;
+        }
+        let current = s.revision == endpoint.revision && s.ipcache_generation == settings.ipcache_generation;
+        if s.flags & FLOW_CONFIRMED != 0 && current && s.nat_addr == seen.backend && s.nat_port == seen.backend_port {
+            if s.flags & FLOW_AUDIT != 0 {
+                count_audit(netsieve_common::REASON_POLICY_DENIED, DIRECTION_EGRESS);
+                count_endpoint(endpoint.endpoint_id, DIRECTION_EGRESS, Counted::Audited, bytes);
+            } else {
+                count_endpoint(endpoint.endpoint_id, DIRECTION_EGRESS, Counted::Allowed, bytes);
+                count_rule(s.rule_index, bytes);
+            }
+            return NF_ACCEPT;
+        }
+    }
+    let has_ports = matches!(original.protocol, PROTO_TCP | PROTO_UDP | PROTO_SCTP);
+    let (judgement, identity) = judge_flow(
+        endpoint,
+        DIRECTION_EGRESS,
+        &seen.backend,
+        original.protocol,
+        seen.backend_port,
+        has_ports,
+        false,
+        false,
+    );
+    let confirm = match judgement {
+        Judgement::Allowed { rule } => Some((rule, 0)),
+        Judgement::Audited { .. } => Some((NO_RULE, FLOW_AUDIT)),
+        Judgement::Denied { .. } | Judgement::Deferred => None,
+    };
+    match (entry, confirm) {
+        (Some(state), Some((rule, audit))) => {
+            // SAFETY: a live map value for this program run.
+            unsafe {
+                (*state).nat_addr = seen.backend;
+                (*state).nat_port = seen.backend_port;
+                (*state).revision = endpoint.revision;
+                (*state).ipcache_generation = settings.ipcache_generation;
+                (*state).rule_index = rule;
+                (*state).flags = ((*state).flags & !FLOW_AUDIT) | FLOW_CONFIRMED | audit;
+            }
+        }
+        (None, Some((rule, audit))) => {
+            let mut flags = FLOW_EGRESS | FLOW_DEFERRED | FLOW_CONFIRMED | audit;
+            if flow.src_is_a {
+                flags |= FLOW_INITIATOR_A;
+            }
+            let state = FlowState {
+                last_seen_ns: now,
+                revision: endpoint.revision,
+                ipcache_generation: settings.ipcache_generation,
+                rule_index: rule,
+                flags,
+                tcp_state: CT_STATE_NEW,
+                nat_port: seen.backend_port,
+                nat_addr: seen.backend,
+            };
+            let _ = CONNTRACK.insert(&flow.key, &state, 0);
+        }
+        (Some(state), None) => {
+            // Revoked or never allowed: replies are no longer admitted either.
+            // SAFETY: a live map value for this program run.
+            unsafe { (*state).flags &= !FLOW_CONFIRMED };
+        }
+        (None, None) => {}
+    }
+    let outcome = Outcome { judgement, identity, fresh: true };
+    let original_dst = if translated { Some((&original.dst, original.dst_port)) } else { None };
+    account(&outcome, ifindex, DIRECTION_EGRESS, endpoint, &packet, bytes, HOOK_NETFILTER, original_dst);
+    match judgement {
+        Judgement::Denied { .. } => NF_DROP,
+        _ => NF_ACCEPT,
+    }
+}

@@ -1,0 +1,376 @@
+//! The verdict for one packet of a local endpoint: the conntrack fast path, the exceptions
+//! Kubernetes states, and the policy lookups. Shared by every hook.
+use crate::counters::{Counted, count_audit, count_drop, count_endpoint, count_rule};
+use crate::events::{EventInfo, emit};
+use crate::flow;
+use crate::maps::{CONFIG, CONNTRACK, IPCACHE};
+use crate::packet::Packet;
+use crate::policy::{matching_group, rule_index};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use netsieve_common::{
+    CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
+    EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
+    FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
+    IDENTITY_WORLD, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
+    VERDICT_DROPPED,
+};
+
+/// The outcome of judging a flow in one direction of one endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// Allowed; `rule` is the `RULE_STATS` index of the admitting rule group ([`NO_RULE`]
+    /// for exceptions and directions that are not isolated).
+    Allowed { rule: u32 },
+    /// TC only: the egress verdict belongs to the netfilter hook after kube-proxy's DNAT.
+    Deferred,
+    /// Dropped for `reason`.
+    Denied { reason: u32 },
+    /// Policy would drop it for `reason`; passes under audit mode.
+    Audited { reason: u32 },
+}
+
+/// A judgement and what it was taken on, for counters and events.
+#[derive(Clone, Copy)]
+pub struct Outcome {
+    pub judgement: Judgement,
+    /// The peer's identity (meaningful when `fresh`).
+    pub identity: u32,
+    /// Judged now (a new or stale flow), not taken from conntrack: events are emitted only
+    /// for fresh judgements, so an allowed or audited flow reports once, not per packet.
+    pub fresh: bool,
+}
+
+/// The state of the CONFIG map a packet reads first (before any lookup whose result the
+/// generation vouches for).
+#[derive(Clone, Copy)]
+pub struct Settings {
+    pub ipcache_generation: u32,
+    pub flags: u32,
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    match CONFIG.get(0) {
+        Some(config) => Settings { ipcache_generation: config.ipcache_generation, flags: config.flags },
+        None => Settings { ipcache_generation: 0, flags: 0 },
+    }
+}
+
+/// The clock conntrack timestamps use at TC: the coarse monotonic clock (cheap).
+#[inline(always)]
+pub fn now_coarse() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The same clock, precise: netfilter programs may not read the coarse one. Both are
+/// CLOCK_MONOTONIC, a jiffy apart at most, which idle timeouts of seconds do not notice.
+#[inline(always)]
+pub fn now_precise() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn isolated_flag(direction: u8) -> u32 {
+    if direction == DIRECTION_EGRESS { EP_EGRESS_ISOLATED } else { EP_INGRESS_ISOLATED }
+}
+
+/// Whether `addr` is one of the endpoint's own addresses.
+#[inline(always)]
+pub fn is_own_address(endpoint: &EndpointInfo, addr: &[u8; 16]) -> bool {
+    let mapped = addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    if mapped {
+        endpoint.flags & EP_HAS_IPV4 != 0 && addr[12..] == endpoint.ipv4
+    } else {
+        endpoint.flags & EP_HAS_IPV6 != 0 && *addr == endpoint.ipv6
+    }
+}
+
+/// Whether a packet the pod sends carries a source address that is not the pod's: dropped
+/// whatever the policies say. IPv6 link-local sources (neighbour and router discovery) and
+/// the unspecified address (duplicate address detection) are the pod's own business.
+#[inline(always)]
+pub fn is_spoofed(endpoint: &EndpointInfo, packet: &Packet) -> bool {
+    if packet.ipv6 {
+        let link_local = packet.src[0] == 0xfe && packet.src[1] & 0xc0 == 0x80;
+        let unspecified = packet.src == [0u8; 16];
+        if link_local || unspecified {
+            return false;
+        }
+    }
+    !is_own_address(endpoint, &packet.src)
+}
+
+#[inline(always)]
+fn refuse(endpoint: &EndpointInfo, reason: u32) -> Judgement {
+    if endpoint.flags & EP_AUDIT != 0 { Judgement::Audited { reason } } else { Judgement::Denied { reason } }
+}
+
+/// Judges a flow of `endpoint` in `direction` with `peer` as the other end and `port` as the
+/// destination port: the exceptions, isolation, then the policy maps. `allow_defer`: an egress
+/// flow to an unknown address may be left to the netfilter hook. `hairpin`: the packet came
+/// back out of the pod's own interface (the pod reaching itself through a Service).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn judge_flow(
+    endpoint: &EndpointInfo,
+    direction: u8,
+    peer: &[u8; 16],
+    protocol: u8,
+    port: u16,
+    has_ports: bool,
+    allow_defer: bool,
+    hairpin: bool,
+) -> (Judgement, u32) {
+    // A pod can always reach itself.
+    if hairpin || is_own_address(endpoint, peer) {
+        return (Judgement::Allowed { rule: NO_RULE }, endpoint.identity);
+    }
+    // SAFETY: plain read of a map value.
+    let identity = unsafe { IPCACHE.get(peer) }.map_or(IDENTITY_WORLD, |v| v.identity);
+    if identity == IDENTITY_HOST && endpoint.flags & EP_ALLOW_HOST != 0 {
+        return (Judgement::Allowed { rule: NO_RULE }, identity);
+    }
+    if endpoint.flags & EP_FAIL_CLOSED != 0 {
+        return (refuse(endpoint, REASON_FAIL_CLOSED), identity);
+    }
+    if endpoint.flags & isolated_flag(direction) == 0 {
+        return (Judgement::Allowed { rule: NO_RULE }, identity);
+    }
+    if allow_defer && identity == IDENTITY_WORLD {
+        return (Judgement::Deferred, identity);
+    }
+    match matching_group(endpoint, direction, identity, peer, protocol, port, has_ports) {
+        Some(group) => (Judgement::Allowed { rule: rule_index(endpoint, direction, group) }, identity),
+        None => (refuse(endpoint, REASON_POLICY_DENIED), identity),
+    }
+}
+
+/// Re-takes a stale flow's verdict in its original direction; on success the entry is
+/// brought up to date and the judgement returned, on refusal `None` (the caller judges the
+/// packet as a new flow).
+///
+/// # Safety
+/// `state` must point to the live map value of `key`.
+#[inline(always)]
+unsafe fn rejudge(
+    endpoint: &EndpointInfo,
+    settings: &Settings,
+    key: &netsieve_common::FlowKey,
+    state: *mut FlowState,
+) -> Option<Judgement> {
+    // SAFETY: the caller's pointer is a live map value for this program run.
+    let s = unsafe { &mut *state };
+    let has_ports = matches!(key.protocol, netsieve_common::PROTO_TCP | netsieve_common::PROTO_UDP | netsieve_common::PROTO_SCTP);
+    let (direction, peer, port) = if s.flags & FLOW_DEFERRED != 0 {
+        // Only confirmed deferred flows get here: judged on the backend the netfilter hook saw.
+        (DIRECTION_EGRESS, s.nat_addr, s.nat_port)
+    } else if s.flags & FLOW_EGRESS != 0 {
+        let (addr, port) = flow::responder(key, s);
+        (DIRECTION_EGRESS, *addr, port)
+    } else {
+        let (addr, _) = flow::initiator(key, s);
+        let (_, port) = flow::responder(key, s);
+        (DIRECTION_INGRESS, *addr, port)
+    };
+    let (judgement, _) = judge_flow(endpoint, direction, &peer, key.protocol, port, has_ports, false, false);
+    match judgement {
+        Judgement::Allowed { rule } => {
+            s.revision = endpoint.revision;
+            s.ipcache_generation = settings.ipcache_generation;
+            s.rule_index = rule;
+            s.flags &= !FLOW_AUDIT;
+            Some(judgement)
+        }
+        Judgement::Audited { .. } => {
+            s.revision = endpoint.revision;
+            s.ipcache_generation = settings.ipcache_generation;
+            s.rule_index = NO_RULE;
+            s.flags |= FLOW_AUDIT;
+            Some(judgement)
+        }
+        Judgement::Denied { .. } | Judgement::Deferred => None,
+    }
+}
+
+/// The judgement a live entry gives a packet without any policy lookup.
+#[inline(always)]
+fn cached(state: &FlowState) -> Judgement {
+    if state.flags & FLOW_AUDIT != 0 {
+        Judgement::Audited { reason: REASON_POLICY_DENIED }
+    } else {
+        Judgement::Allowed { rule: state.rule_index }
+    }
+}
+
+/// Judges a packet at a TC hook of the endpoint's interface `ifindex`.
+#[inline(always)]
+pub fn judge_tc_packet(ifindex: u32, direction: u8, endpoint: &EndpointInfo, packet: &Packet, hairpin: bool) -> Outcome {
+    let settings = settings();
+    let now = now_coarse();
+    let flow = flow::packet_key(ifindex, packet);
+    let netfilter_active = settings.flags & CONFIG_NETFILTER_ACTIVE != 0;
+    // A packet answering a deferred flow the netfilter hook has not confirmed is judged on its
+    // own, without replacing that flow's entry.
+    let mut may_record = true;
+    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse).
+    if !packet.is_tcp_open()
+        && let Some(state) = CONNTRACK.get_ptr_mut(&flow.key)
+    {
+        // SAFETY: a live map value for this program run.
+        let s = unsafe { &*state };
+        if !flow::expired(&flow.key, s, now) {
+            let forward = flow::from_initiator(s, flow.src_is_a);
+            let current = s.revision == endpoint.revision && s.ipcache_generation == settings.ipcache_generation;
+            let deferred = s.flags & FLOW_DEFERRED != 0;
+            let usable = if deferred {
+                // Forward packets of a deferred flow are the netfilter hook's to judge; replies
+                // are admitted once it confirmed the flow.
+                (forward && netfilter_active) || (!forward && s.flags & FLOW_CONFIRMED != 0)
+            } else {
+                true
+            };
+            if deferred && !forward && !usable {
+                may_record = false;
+            }
+            if usable {
+                if deferred && forward {
+                    // SAFETY: as above.
+                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, false, now) };
+                    return Outcome { judgement: Judgement::Deferred, identity: IDENTITY_WORLD, fresh: false };
+                }
+                if current {
+                    // SAFETY: as above.
+                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
+                    return Outcome { judgement: cached(s), identity: IDENTITY_WORLD, fresh: false };
+                }
+                // SAFETY: as above.
+                if let Some(judgement) = unsafe { rejudge(endpoint, &settings, &flow.key, state) } {
+                    // SAFETY: as above.
+                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
+                    return Outcome { judgement, identity: IDENTITY_WORLD, fresh: false };
+                }
+                // Revoked: the entry goes and the packet is judged as a new flow.
+                let _ = CONNTRACK.remove(&flow.key);
+            }
+        }
+    }
+    let peer = if direction == DIRECTION_EGRESS { &packet.dst } else { &packet.src };
+    let allow_defer = direction == DIRECTION_EGRESS && netfilter_active;
+    let (judgement, identity) = judge_flow(
+        endpoint,
+        direction,
+        peer,
+        packet.protocol,
+        packet.dst_port,
+        packet.has_ports(),
+        allow_defer,
+        hairpin,
+    );
+    let mut flags = if flow.src_is_a { FLOW_INITIATOR_A } else { 0 };
+    if direction == DIRECTION_EGRESS {
+        flags |= FLOW_EGRESS;
+    }
+    let record = match judgement {
+        Judgement::Allowed { rule } => Some((flags, rule)),
+        Judgement::Deferred => Some((flags | FLOW_DEFERRED, NO_RULE)),
+        Judgement::Audited { .. } => Some((flags | FLOW_AUDIT, NO_RULE)),
+        Judgement::Denied { .. } => None,
+    };
+    if let Some((flags, rule_index)) = record.filter(|_| may_record) {
+        let state = FlowState {
+            last_seen_ns: now,
+            revision: endpoint.revision,
+            ipcache_generation: settings.ipcache_generation,
+            rule_index,
+            flags,
+            tcp_state: flow::opened_state(packet),
+            nat_port: 0,
+            nat_addr: [0; 16],
+        };
+        // An LRU map makes room by itself; a failure only loses the fast path.
+        let _ = CONNTRACK.insert(&flow.key, &state, 0);
+    }
+    Outcome { judgement, identity, fresh: true }
+}
+
+/// Counts a judged packet and emits its event. `original_dst`: the pre-DNAT destination of a
+/// Service flow (netfilter).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn account(
+    outcome: &Outcome,
+    ifindex: u32,
+    direction: u8,
+    endpoint: &EndpointInfo,
+    packet: &Packet,
+    bytes: u64,
+    hook: u8,
+    original_dst: Option<(&[u8; 16], u16)>,
+) {
+    let slot = endpoint.endpoint_id;
+    let (verdict, reason, rule) = match outcome.judgement {
+        Judgement::Allowed { rule } => {
+            count_endpoint(slot, direction, Counted::Allowed, bytes);
+            count_rule(rule, bytes);
+            if !outcome.fresh || settings().flags & CONFIG_EVENTS_ALLOWED == 0 {
+                return;
+            }
+            (VERDICT_ALLOWED, REASON_NONE, rule)
+        }
+        // Counted where the verdict is taken.
+        Judgement::Deferred => return,
+        Judgement::Denied { reason } => {
+            count_drop(reason, direction);
+            count_endpoint(slot, direction, Counted::Denied, bytes);
+            (VERDICT_DROPPED, reason as u8, NO_RULE)
+        }
+        Judgement::Audited { reason } => {
+            count_audit(reason, direction);
+            count_endpoint(slot, direction, Counted::Audited, bytes);
+            if !outcome.fresh {
+                return;
+            }
+            (VERDICT_AUDIT, reason as u8, NO_RULE)
+        }
+    };
+    let info = EventInfo {
+        ifindex,
+        endpoint_id: slot,
+        revision: endpoint.revision,
+        peer_identity: outcome.identity,
+        rule_index: rule,
+        reason,
+        verdict,
+        direction,
+        hook,
+    };
+    emit(&info, packet, original_dst);
+}
+
+/// A drop before any endpoint verdict (malformed, no endpoint, spoofed, unknown fragment):
+/// counted and reported whatever audit mode says.
+#[inline(always)]
+pub fn structural_drop(reason: u32, ifindex: u32, direction: u8, endpoint: Option<&EndpointInfo>, packet: &Packet, bytes: u64, hook: u8) {
+    count_drop(reason, direction);
+    let (slot, revision) = match endpoint {
+        Some(endpoint) => {
+            count_endpoint(endpoint.endpoint_id, direction, Counted::Denied, bytes);
+            (endpoint.endpoint_id, endpoint.revision)
+        }
+        None => (u32::MAX, 0),
+    };
+    let info = EventInfo {
+        ifindex,
+        endpoint_id: slot,
+        revision,
+        peer_identity: IDENTITY_WORLD,
+        rule_index: NO_RULE,
+        reason: reason as u8,
+        verdict: VERDICT_DROPPED,
+        direction,
+        hook,
+    };
+    emit(&info, packet, None);
+}
