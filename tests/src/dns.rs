@@ -62,12 +62,13 @@ pub fn respond(query: &[u8], server_name: &str, records: &BTreeMap<String, Ipv4A
             found = true;
             let rdata = RData::TXT(TXT::new().with_string(server_name).ok()?);
             reply.answers.push(ResourceRecord::new(question.qname.clone(), CLASS::CH, 0, rdata));
-        } else if class_is(CLASS::IN) && question.qtype == QTYPE::TYPE(TYPE::A) {
-            if let Some(ip) = records.get(&name) {
-                found = true;
-                let rdata = RData::A(A { address: u32::from(*ip) });
-                reply.answers.push(ResourceRecord::new(question.qname.clone(), CLASS::IN, 30, rdata));
-            }
+        } else if class_is(CLASS::IN)
+            && question.qtype == QTYPE::TYPE(TYPE::A)
+            && let Some(ip) = records.get(&name)
+        {
+            found = true;
+            let rdata = RData::A(A { address: u32::from(*ip) });
+            reply.answers.push(ResourceRecord::new(question.qname.clone(), CLASS::IN, 30, rdata));
         }
     }
     if !found {

@@ -67,6 +67,14 @@ fn services(binary: &Path) -> Result<(), String> {
         println!("    {line}");
     }
 
+    let dns_addr = SocketAddr::from((KUBE_DNS_IP, 53));
+    let lookup = |stage: &str| match cluster.resolve("worker", dns_addr, Transport::Udp, "orders.prod.svc.cluster.local", Duration::from_millis(800)) {
+        Ok(ips) => println!("  {stage}: prod/worker resolves orders.prod.svc.cluster.local via {dns_addr}: {ips:?}"),
+        Err(error) => println!("  {stage}: prod/worker resolves orders.prod.svc.cluster.local via {dns_addr}: failed ({error})"),
+    };
+    println!();
+    lookup("without netsieve");
+
     let dir = std::env::temp_dir().join(format!("netsieve-demo-{}", cluster.id));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     service_cluster::write_manifests(&dir, &cluster).map_err(|e| e.to_string())?;
@@ -108,11 +116,7 @@ fn services(binary: &Path) -> Result<(), String> {
             }
         }
     }
-    let dns_addr = SocketAddr::from((KUBE_DNS_IP, 53));
-    match cluster.resolve("worker", dns_addr, Transport::Udp, "orders.prod.svc.cluster.local", Duration::from_millis(800)) {
-        Ok(ips) => println!("  prod/worker resolves orders.prod.svc.cluster.local via {dns_addr}: {ips:?}"),
-        Err(error) => println!("  prod/worker resolves orders.prod.svc.cluster.local via {dns_addr}: failed ({error})"),
-    }
+    lookup("with netsieve");
     let _ = agents.stop();
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);

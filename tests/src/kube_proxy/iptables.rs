@@ -152,10 +152,11 @@ fn chains_of(save: &str, table: &str) -> Vec<String> {
     for line in save.lines() {
         if let Some(name) = line.strip_prefix('*') {
             in_table = name == table;
-        } else if in_table && let Some(rest) = line.strip_prefix(":KUBE-") {
-            if let Some(name) = rest.split_whitespace().next() {
-                chains.push(format!("KUBE-{name}"));
-            }
+        } else if in_table
+            && let Some(rest) = line.strip_prefix(":KUBE-")
+            && let Some(name) = rest.split_whitespace().next()
+        {
+            chains.push(format!("KUBE-{name}"));
         }
     }
     chains
