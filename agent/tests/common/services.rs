@@ -100,8 +100,9 @@ pub struct CaseResult {
 
 /// Runs a case: every attempt's outcome must equal the semantics module's verdict on the
 /// backend kube-proxy chose for it; a backend the semantics deny must not have taken a single
-/// connection or datagram (its server's counter); with 10 or more attempts, kube-proxy must
-/// have chosen every backend at least once (else the case proved nothing about one of them).
+/// connection or datagram (its server's counter); with 20 or more attempts, kube-proxy must
+/// have chosen every backend at least once (else the case proved nothing about one of them;
+/// with two backends, 20 attempts all on one happen with probability 2 * 2^-20).
 pub fn run_case(cluster: &Cluster, proxy: &KubeProxy, state: &ClusterState, case: Case) -> CaseResult {
     let started = Instant::now();
     let service = cluster.service(case.namespace, case.service).expect("service");
@@ -151,7 +152,7 @@ pub fn run_case(cluster: &Cluster, proxy: &KubeProxy, state: &ClusterState, case
         if taken != answered {
             result.failures.push(format!("{} took {taken} connections/datagrams but answered {answered} probes", endpoint.pod));
         }
-        if case.attempts >= 10 && result.untranslated == 0 && !result.per_backend.contains_key(&endpoint.pod) {
+        if case.attempts >= 20 && result.untranslated == 0 && !result.per_backend.contains_key(&endpoint.pod) {
             result.failures.push(format!("kube-proxy never chose {} in {} attempts", endpoint.pod, case.attempts));
         }
     }
