@@ -16,7 +16,7 @@ use std::time::Duration;
 
 fn through_services_with_api_agents(tag: &str, mode: ProxyMode, cases: &[Case], stage: &str) {
     let cluster = build(tag, false).expect("cluster");
-    let prefix = format!("nsv-{}", cluster.id);
+    let prefix = format!("nsv-{}-", cluster.id);
     let proxy = KubeProxy::install(&cluster, mode).expect("kube-proxy rules");
     // The API server listens on each node's loopback, where that node's agent finds it.
     let listeners: Vec<std::net::TcpListener> = cluster

@@ -27,7 +27,8 @@ impl Drop for Scratch<'_> {
 
 fn emulation_translates_real_traffic(tag: &str, mode: ProxyMode, bridged: bool) {
     let cluster = build(tag, bridged).expect("cluster");
-    let prefix = format!("nsv-{}", cluster.id);
+    // With the trailing dash: no other test's cluster id starts with this one.
+    let prefix = format!("nsv-{}-", cluster.id);
     let mut proxy = KubeProxy::install(&cluster, mode).expect("kube-proxy rules");
     // No agent: nothing is enforced, so every connection to every backend must get through
     // (the semantics module on a state without policies agrees), which exercises DNAT to
@@ -81,28 +82,29 @@ fn emulation_translates_real_traffic(tag: &str, mode: ProxyMode, bridged: bool) 
 
 #[test]
 fn iptables_emulation_translates_real_traffic() {
-    emulation_translates_real_traffic("svc-ipt", ProxyMode::Iptables, false);
+    emulation_translates_real_traffic("emu-ipt-routed", ProxyMode::Iptables, false);
 }
 
 #[test]
 fn nftables_emulation_translates_real_traffic() {
-    emulation_translates_real_traffic("svc-nft", ProxyMode::Nftables, false);
+    emulation_translates_real_traffic("emu-nft-routed", ProxyMode::Nftables, false);
 }
 
 #[test]
 fn iptables_emulation_on_a_bridged_layout() {
-    emulation_translates_real_traffic("svc-ipt-br", ProxyMode::Iptables, true);
+    emulation_translates_real_traffic("emu-ipt-bridged", ProxyMode::Iptables, true);
 }
 
 #[test]
 fn nftables_emulation_on_a_bridged_layout() {
-    emulation_translates_real_traffic("svc-nft-br", ProxyMode::Nftables, true);
+    emulation_translates_real_traffic("emu-nft-bridged", ProxyMode::Nftables, true);
 }
 
 /// The agents in manifests mode, then `cases` through the ClusterIPs.
 fn through_services_with_agents(tag: &str, mode: ProxyMode, bridged: bool, cases: &[Case], stage: &str) {
     let cluster = build(tag, bridged).expect("cluster");
-    let prefix = format!("nsv-{}", cluster.id);
+    // With the trailing dash: no other test's cluster id starts with this one.
+    let prefix = format!("nsv-{}-", cluster.id);
     let proxy = KubeProxy::install(&cluster, mode).expect("kube-proxy rules");
     let dir = std::env::temp_dir().join(format!("netsieve-{tag}-{}", cluster.id));
     let scratch = Scratch(dir.clone(), &cluster);
