@@ -7,12 +7,14 @@
 //! appears in the machine's own namespace, and all addresses exist only inside these
 //! namespaces. Dropping the [`Cluster`] deletes every namespace it made (which removes the
 //! links), also when a test panics; [`cleanup_stale`] removes leftovers of killed runs.
+use crate::dns::{self, DnsQuestion};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,29 @@ fn run(mut cmd: Command) -> Result<(), NetnsError> {
     Ok(())
 }
 
+/// Runs `program ARGS...` inside network namespace `netns`, feeding it `stdin`; its stdout, or
+/// an error with its stderr when it fails.
+pub fn run_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetnsError> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, program]).args(args);
+    let command = format!("{cmd:?}");
+    let spawn = |source| NetnsError::Spawn { command: command.clone(), source };
+    let mut child = cmd
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(spawn)?;
+    }
+    let output = child.wait_with_output().map_err(spawn)?;
+    if !output.status.success() {
+        return Err(NetnsError::Command { command, stderr: String::from_utf8_lossy(&output.stderr).trim().into() });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 fn sysctl(netns: &str, setting: &str) -> Result<(), NetnsError> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns, "sysctl", "-qw", setting]);
@@ -72,6 +97,75 @@ pub fn in_netns<T: Send + 'static>(
     }))
 }
 
+/// A layer-4 protocol of a server, a container port or a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    /// As Kubernetes spells it (`protocol: TCP`).
+    pub fn kubernetes_name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        }
+    }
+
+    /// As iptables and nftables spell it (`-p tcp`, `meta l4proto tcp`).
+    pub fn netfilter_name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kubernetes_name())
+    }
+}
+
+/// A port a pod's container declares (`spec.containers[].ports[]`): what a named targetPort
+/// of a Service or a named port of a NetworkPolicy resolves against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: String,
+    pub transport: Transport,
+    pub port: u16,
+}
+
+/// What a pod's server speaks, so a probe knows what to send to a port behind a ClusterIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// TCP: answers every connection with `ok <pod name>\n`.
+    Tcp,
+    /// UDP: echoes every datagram followed by ` <pod name>`.
+    UdpEcho,
+    /// DNS over UDP or TCP ([`crate::dns`]): `CH TXT hostname.bind.` names the pod.
+    Dns(Transport),
+}
+
+impl Server {
+    pub fn transport(self) -> Transport {
+        match self {
+            Server::Tcp | Server::Dns(Transport::Tcp) => Transport::Tcp,
+            Server::UdpEcho | Server::Dns(Transport::Udp) => Transport::Udp,
+        }
+    }
+}
+
+/// A server's answer to [`Cluster::ask`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The client's address and port (to find the connection in conntrack).
+    pub local: SocketAddr,
+    /// The pod that says it answered.
+    pub pod: String,
+}
+
 /// A pod of the cluster.
 #[derive(Clone, Debug)]
 pub struct PodNet {
@@ -83,6 +177,8 @@ pub struct PodNet {
     pub ip6: Option<String>,
     /// Host-side veth, in the node's namespace.
     pub host_veth: String,
+    /// Declared container ports ([`Cluster::declare_port`]).
+    pub container_ports: Vec<ContainerPort>,
 }
 
 /// A node of the cluster.
@@ -99,6 +195,10 @@ pub struct Cluster {
     pub id: String,
     pub nodes: Vec<NodeNet>,
     pub pods: Vec<PodNet>,
+    /// Services of the cluster ([`Cluster::add_service`]); kube-proxy emulations program them.
+    pub services: Vec<crate::kube_proxy::Service>,
+    /// Whether the nodes are laid out like the CNI bridge plugin ([`Cluster::new_bridged`]).
+    pub bridged: bool,
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<Result<(), NetnsError>>>,
@@ -108,6 +208,8 @@ pub struct Cluster {
     /// Pods created over the cluster's life (names and addresses are never reused).
     pods_created: usize,
     pods_created_on_node: Vec<usize>,
+    /// What each (pod, port, transport) serves, and how many connections or datagrams it took.
+    served: HashMap<(String, u16, Transport), (Server, Arc<AtomicU64>)>,
 }
 
 /// Deletes namespaces left by earlier runs that were killed before their cleanup ran.
@@ -163,6 +265,8 @@ impl Cluster {
             id: id.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            services: Vec::new(),
+            bridged,
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
@@ -171,6 +275,7 @@ impl Cluster {
             dual_stack: v6,
             pods_created: pods.len(),
             pods_created_on_node: (0..nodes).map(|n| pods.iter().filter(|p| p.1 == n).count()).collect(),
+            served: HashMap::new(),
         };
         let short = cluster.short.clone();
         for i in 0..nodes {
@@ -185,6 +290,13 @@ impl Cluster {
                 sysctl(&netns, "net.ipv6.conf.default.accept_dad=0")?;
             }
             if bridged {
+                // Bridged traffic (a pod's reply to a pod on the same bridge) must pass the IP
+                // hooks, or a Service's reply to a same-node client skips conntrack's reverse
+                // translation and reaches the client from the backend's address: kube-proxy
+                // needs br_netfilter, and kubeadm's preflight insists on this setting. It is
+                // per network namespace since Linux 5.3, so set it here and not on the machine.
+                sysctl(&netns, "net.bridge.bridge-nf-call-iptables=1")?;
+                sysctl(&netns, "net.bridge.bridge-nf-call-ip6tables=1")?;
                 ip(Some(&netns), &["link", "add", "br0", "type", "bridge"])?;
                 ip(Some(&netns), &["addr", "add", &format!("10.250.{i}.1/24"), "dev", "br0"])?;
                 ip(Some(&netns), &["link", "set", "br0", "up"])?;
@@ -235,11 +347,23 @@ impl Cluster {
                 ip(Some(&netns), &["link", "set", "eth0", "up"])?;
                 ip(Some(&netns), &["route", "add", "default", "via", &format!("10.250.{node}.1"), "dev", "eth0"])?;
                 ip(Some(&node_ns), &["link", "set", &host_veth, "master", "br0"])?;
+                // Hairpin mode, as the bridge plugin's `hairpinMode: true` (flannel's default)
+                // sets it: a pod reaching itself through its Service is DNATed by br_netfilter
+                // and bridged back out of the port it came in on.
+                ip(Some(&node_ns), &["link", "set", "dev", &host_veth, "type", "bridge_slave", "hairpin", "on"])?;
                 ip(Some(&node_ns), &["link", "set", &host_veth, "up"])?;
             } else {
                 lay_out_routed_pod(&node_ns, &netns, &host_veth, &pod_ip, pod_ip6.as_deref())?;
             }
-            cluster.pods.push(PodNet { name: name.to_string(), netns, node: *node, ip: pod_ip, ip6: pod_ip6, host_veth });
+            cluster.pods.push(PodNet {
+                name: name.to_string(),
+                netns,
+                node: *node,
+                ip: pod_ip,
+                ip6: pod_ip6,
+                host_veth,
+                container_ports: Vec::new(),
+            });
         }
         Ok(cluster)
     }
@@ -260,10 +384,17 @@ impl Cluster {
         }
     }
 
-    /// A TCP server in the pod that answers every connection with "ok".
+    /// Declares a container port on a pod, as its manifest's `ports` would.
+    pub fn declare_port(&mut self, pod: &str, name: &str, transport: Transport, port: u16) {
+        let Some(pod) = self.pods.iter_mut().find(|p| p.name == pod) else { panic!("no pod {pod} in the test cluster") };
+        pod.container_ports.push(ContainerPort { name: name.to_string(), transport, port });
+    }
+
+    /// A TCP server in the pod that answers every connection with `ok <pod name>\n`.
     pub fn serve_tcp(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
         let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
-        let stop = self.stop.clone();
+        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::Tcp));
+        let greeting = format!("ok {pod}\n");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(&netns, move || {
             let listener = match TcpListener::bind(&addr) {
@@ -278,7 +409,8 @@ impl Cluster {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
-                        let _ = stream.write_all(b"ok");
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = stream.write_all(greeting.as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -287,10 +419,11 @@ impl Cluster {
         self.wait_ready(handle, ready_rx)
     }
 
-    /// A UDP server in the pod that echoes every datagram.
+    /// A UDP server in the pod that echoes every datagram followed by ` <pod name>`.
     pub fn serve_udp_echo(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
         let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
-        let stop = self.stop.clone();
+        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::UdpEcho));
+        let signature = format!(" {pod}");
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(&netns, move || {
             let socket = match UdpSocket::bind(&addr) {
@@ -305,11 +438,87 @@ impl Cluster {
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&buf[..n], from);
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let mut reply = buf[..n].to_vec();
+                    reply.extend_from_slice(signature.as_bytes());
+                    let _ = socket.send_to(&reply, from);
                 }
             }
         })?;
         self.wait_ready(handle, ready_rx)
+    }
+
+    /// A DNS server (kube-dns stand-in, [`crate::dns`]) on UDP and TCP port 53 of the pod,
+    /// answering `IN A` for `records` and `CH TXT hostname.bind.` with the pod's name.
+    pub fn serve_dns(&mut self, pod: &str, records: BTreeMap<String, Ipv4Addr>) -> Result<(), NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, 53));
+        let records = Arc::new(records);
+        let (stop, count) = (self.stop.clone(), self.register(pod, 53, Server::Dns(Transport::Udp)));
+        let (name, udp_records, udp_addr) = (pod.to_string(), records.clone(), addr.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let socket = match UdpSocket::bind(&udp_addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
+            let _ = ready_tx.send(Ok(()));
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = dns::respond(&buf[..n], &name, &udp_records) {
+                        let _ = socket.send_to(&reply, from);
+                    }
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)?;
+        let (stop, count) = (self.stop.clone(), self.register(pod, 53, Server::Dns(Transport::Tcp)));
+        let name = pod.to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let listener = match TcpListener::bind(&addr) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        // Blocking reads (bounded by the connection's read timeout).
+                        let _ = stream.set_nonblocking(false);
+                        dns::serve_tcp_connection(stream, &name, &records);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)
+    }
+
+    fn register(&mut self, pod: &str, port: u16, server: Server) -> Arc<AtomicU64> {
+        let count = Arc::new(AtomicU64::new(0));
+        self.served.insert((pod.to_string(), port, server.transport()), (server, count.clone()));
+        count
+    }
+
+    /// What a pod serves on a port, if anything.
+    pub fn server(&self, pod: &str, port: u16, transport: Transport) -> Option<Server> {
+        self.served.get(&(pod.to_string(), port, transport)).map(|(server, _)| *server)
+    }
+
+    /// How many connections (TCP) or datagrams (UDP) a pod's server on `port` has taken so far.
+    pub fn served(&self, pod: &str, port: u16, transport: Transport) -> u64 {
+        self.served.get(&(pod.to_string(), port, transport)).map_or(0, |(_, count)| count.load(Ordering::Relaxed))
     }
 
     fn wait_ready(
@@ -350,10 +559,65 @@ impl Cluster {
             if socket.send_to(b"ping", addr).is_err() {
                 return false;
             }
-            let mut buf = [0u8; 16];
-            matches!(socket.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"ping"
+            let mut buf = [0u8; 512];
+            matches!(socket.recv_from(&mut buf), Ok((n, _)) if buf[..n].starts_with(b"ping"))
         });
         matches!(probe.map(|h| h.join()), Ok(Ok(Ok(true))))
+    }
+
+    /// One exchange with a `server` at `target` (a pod address or a ClusterIP) from pod `from`:
+    /// which pod answered, or None when nothing answered within `timeout`. One connection
+    /// attempt or one datagram: with `timeout` below the kernel's initial SYN retransmission
+    /// timeout (1 s), a TCP probe sends exactly one SYN, so netfilter translates it once. A reply
+    /// must come from `target` itself (a UDP reply from any other address is no answer).
+    pub fn ask(&self, from: &str, target: SocketAddr, server: Server, timeout: Duration) -> Option<Answer> {
+        let probe = in_netns(&self.pod(from).netns, move || -> Option<Answer> {
+            match server {
+                Server::Tcp => {
+                    let mut stream = TcpStream::connect_timeout(&target, timeout).ok()?;
+                    let local = stream.local_addr().ok()?;
+                    stream.set_read_timeout(Some(timeout)).ok()?;
+                    let mut text = String::new();
+                    stream.read_to_string(&mut text).ok()?;
+                    let pod = text.strip_prefix("ok ")?.trim_end().to_string();
+                    Some(Answer { local, pod })
+                }
+                Server::UdpEcho => {
+                    let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+                    socket.set_read_timeout(Some(timeout)).ok()?;
+                    // Connected, so the local address is the pod's (for finding the conntrack
+                    // entry) and the kernel takes replies from `target` only.
+                    socket.connect(target).ok()?;
+                    socket.send(b"ping").ok()?;
+                    let local = socket.local_addr().ok()?;
+                    let mut buf = [0u8; 512];
+                    let (n, source) = socket.recv_from(&mut buf).ok()?;
+                    let pod = std::str::from_utf8(buf[..n].strip_prefix(b"ping ")?).ok()?.to_string();
+                    (source == target).then_some(Answer { local, pod })
+                }
+                Server::Dns(transport) => {
+                    let (local, answer) = match transport {
+                        Transport::Udp => dns::query_udp(target, &DnsQuestion::ServerName, timeout).ok()?,
+                        Transport::Tcp => dns::query_tcp(target, &DnsQuestion::ServerName, timeout).ok()?,
+                    };
+                    Some(Answer { local, pod: answer.texts.into_iter().next()? })
+                }
+            }
+        });
+        probe.ok()?.join().ok()?.ok()?
+    }
+
+    /// A DNS `IN A` lookup of `name` from pod `from`, asking `server` (e.g. the kube-dns
+    /// ClusterIP) over `transport`.
+    pub fn resolve(&self, from: &str, server: SocketAddr, transport: Transport, name: &str, timeout: Duration) -> Result<Vec<Ipv4Addr>, String> {
+        let question = DnsQuestion::Address(name.to_string());
+        let probe = in_netns(&self.pod(from).netns, move || match transport {
+            Transport::Udp => dns::query_udp(server, &question, timeout),
+            Transport::Tcp => dns::query_tcp(server, &question, timeout),
+        })
+        .map_err(|e| e.to_string())?;
+        let (_, answer) = probe.join().map_err(|_| "resolver thread panicked".to_string())?.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        Ok(answer.addresses)
     }
 
     /// HTTP/1.0 GET to 127.0.0.1:`port` inside a node's namespace (an agent's metrics and
@@ -510,7 +774,7 @@ impl Cluster {
         let pod_ip6 = v6.then(|| format!("fd00:250:{node}::{:x}", 10 + on_node));
         let host_veth = format!("h{}{index}", self.short);
         lay_out_pod_side(&node_ns, &netns, &host_veth, &pod_ip, pod_ip6.as_deref())?;
-        let pod = PodNet { name: name.to_string(), netns: netns.clone(), node, ip: pod_ip, ip6: pod_ip6, host_veth: host_veth.clone() };
+        let pod = PodNet { name: name.to_string(), netns: netns.clone(), node, ip: pod_ip, ip6: pod_ip6, host_veth: host_veth.clone(), container_ports: Vec::new() };
         self.pods.push(pod.clone());
         Ok(PtpResult {
             pod,

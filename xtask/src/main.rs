@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Debian packages: LLVM 22 to build bpf-linker against the same LLVM major as the nightly
-/// rustc, plus the tools the network-namespace tests and benchmarks use.
+/// rustc, plus the tools the network-namespace tests and benchmarks use: `iptables` (its
+/// `iptables-legacy` backend programs the iptables-mode kube-proxy emulation), `nftables` (the
+/// nftables-mode one) and `conntrack` (which backend each translated connection went to).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,6 +19,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iperf3",
     "nftables",
+    "iptables",
+    "conntrack",
 ];
 
 /// The toolchain that builds the eBPF crate. It must be a nightly (for `-Z build-std=core`)

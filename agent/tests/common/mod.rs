@@ -49,3 +49,5 @@ pub fn check_matrix(cluster: &Cluster, dir: &Path, stage: &str) {
         assert_eq!(got, expected, "{stage}: {from} -> {to}:{port}/{protocol} kernel={got} semantics={expected}");
     }
 }
+
+pub mod services;
