@@ -221,6 +221,18 @@ impl Controller {
         }
     }
 
+    /// The node's own interface addresses changed: they are node addresses (the node-traffic
+    /// exception, masqueraded hairpin traffic) whatever the Node object lists.
+    pub fn set_local_addresses<M: PolicyMaps>(
+        &mut self,
+        maps: &mut M,
+        received: Instant,
+        addresses: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<SyncReport, SyncError> {
+        let dirty = self.compiler.set_local_addresses(&self.state, addresses);
+        self.program(maps, dirty, received)
+    }
+
     /// Interfaces appeared, went or moved.
     pub fn refresh_interfaces<M: PolicyMaps>(
         &mut self,

@@ -104,6 +104,13 @@ pub struct IpcacheValue {
     pub flags: u32,
 }
 
+/// `POD_ADDRESSES`: a local pod's address (key form of `IPCACHE`) -> the ifindex of its
+/// host-side interface. The netfilter program finds the pod a packet comes from by the
+/// interface it entered the node by; where that is a bridge (bridged CNIs pass the packet up
+/// through the bridge device), by its source address, which the TC program has already held
+/// to the pod's own (anti-spoofing).
+pub const MAX_POD_ADDRESSES: u32 = 2 * MAX_ENDPOINTS;
+
 /// Key of `ENDPOINTS`: the ifindex of the pod's host-side interface.
 pub type EndpointKey = u32;
 

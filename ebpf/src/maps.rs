@@ -6,6 +6,8 @@ use netsieve_common::*;
 
 #[map(name = "ENDPOINTS")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+#[map(name = "POD_ADDRESSES")]
+pub static POD_ADDRESSES: HashMap<IpcacheKey, u32> = HashMap::with_max_entries(MAX_POD_ADDRESSES, 0);
 #[map(name = "IPCACHE")]
 pub static IPCACHE: HashMap<IpcacheKey, IpcacheValue> = HashMap::with_max_entries(MAX_IPCACHE_ENTRIES, 0);
 #[map(name = "POLICY_IDENTITY")]

@@ -10,7 +10,7 @@
 //! `bpf_probe_read_kernel` at offsets the agent resolves from the running kernel's BTF
 //! (`NF_OFFSETS`), so one object serves every kernel.
 use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
-use crate::maps::{CONNTRACK, ENDPOINTS, NF_OFFSETS};
+use crate::maps::{CONNTRACK, ENDPOINTS, NF_OFFSETS, POD_ADDRESSES};
 use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
 use crate::verdict::{Judgement, Outcome, account, judge_flow, now_precise, settings, structural_drop};
 use crate::{flow, packet::Packet};
@@ -168,11 +168,13 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     }
     // SAFETY: the caller passes the kernel's context; `skb` is its second field.
     let skb = unsafe { (*ctx).skb } as usize;
-    let Ok(ifindex) = read::<u32>(skb, offsets.skb_iif) else { return NF_ACCEPT };
-    // Only packets a local pod sent: the interface they entered the node on is its veth.
+    let Ok(entered_by) = read::<u32>(skb, offsets.skb_iif) else { return NF_ACCEPT };
+    // Only packets a local pod sent: the interface they entered the node by is its veth ...
     // SAFETY: plain read of a map value.
-    let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return NF_ACCEPT };
-    if endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0 {
+    let direct = unsafe { ENDPOINTS.get(&entered_by) };
+    if let Some(endpoint) = direct
+        && endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0
+    {
         return NF_ACCEPT;
     }
     let bytes = read::<u32>(skb, offsets.skb_len).unwrap_or(0) as u64;
@@ -180,8 +182,24 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
         Ok(Some(seen)) => seen,
         Ok(None) => return NF_ACCEPT,
         Err(Malformed) => {
-            structural_drop(REASON_MALFORMED, ifindex, DIRECTION_EGRESS, Some(endpoint), &Packet::empty(), bytes, HOOK_NETFILTER);
-            return NF_DROP;
+            if let Some(endpoint) = direct {
+                structural_drop(REASON_MALFORMED, entered_by, DIRECTION_EGRESS, Some(endpoint), &Packet::empty(), bytes, HOOK_NETFILTER);
+                return NF_DROP;
+            }
+            return NF_ACCEPT;
+        }
+    };
+    // ... or, behind a bridge, the pod whose address is the source.
+    let (ifindex, endpoint) = match direct {
+        Some(endpoint) => (entered_by, endpoint),
+        None => {
+            // SAFETY: plain reads of map values.
+            let Some(&ifindex) = (unsafe { POD_ADDRESSES.get(&seen.original.src) }) else { return NF_ACCEPT };
+            let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return NF_ACCEPT };
+            if endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0 {
+                return NF_ACCEPT;
+            }
+            (ifindex, endpoint)
         }
     };
     let original = &seen.original;

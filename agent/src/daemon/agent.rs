@@ -286,8 +286,12 @@ impl Agent {
     /// endpoints concerned.
     pub(super) fn apply_interfaces(&mut self, interfaces: InterfaceIndex) {
         let received = Instant::now();
+        let addresses = interfaces.local_addresses.clone();
         self.dataplane.interfaces = interfaces;
         self.forget_vanished_sandboxes();
+        if *self.controller.compiler.local_addresses() != addresses {
+            let _ = self.reconcile(|controller, maps, _| controller.set_local_addresses(maps, received, &addresses));
+        }
         let (_, attached) =
             self.reconcile(|controller, maps, interface_of| controller.refresh_interfaces(maps, received, interface_of));
         self.update_readiness(attached);

@@ -82,6 +82,9 @@ pub struct Tables {
     pub neighbours: BTreeMap<(u32, IpAddr), Vec<u8>>,
     /// Bridge FDB entries: (port ifindex, MAC, VLAN) -> the bridge they belong to.
     pub fdb: BTreeMap<(u32, Vec<u8>, u16), Option<u32>>,
+    /// The node's own addresses (the local table's `local` routes, which the kernel keeps
+    /// for every address of every interface).
+    pub local_addresses: BTreeSet<IpAddr>,
 }
 
 /// What applying one notification asks for.
@@ -119,10 +122,16 @@ impl Tables {
                 if let Some((key, target)) = route_of(&route) {
                     self.routes.insert(key, target);
                 }
+                if let Some(address) = local_address_of(&route) {
+                    self.local_addresses.insert(address);
+                }
             }
             RouteNetlinkMessage::DelRoute(route) => {
                 if let Some((key, _)) = route_of(&route) {
                     self.routes.remove(&key);
+                }
+                if let Some(address) = local_address_of(&route) {
+                    self.local_addresses.remove(&address);
                 }
             }
             RouteNetlinkMessage::NewNeighbour(neighbour) => self.apply_neighbour(&neighbour, true),
@@ -192,6 +201,27 @@ fn link_of(link: &LinkMessage) -> Link {
         }
     }
     entry
+}
+
+/// The kernel's `local` routing table (linux/rtnetlink.h RT_TABLE_LOCAL).
+const RT_TABLE_LOCAL: u32 = 255;
+
+/// The address of a `local` route of the local table: one of the node's own addresses
+/// (loopback excepted).
+fn local_address_of(route: &RouteMessage) -> Option<IpAddr> {
+    let mut table = u32::from(route.header.table);
+    let mut dst = None;
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(IpAddr::V4(*ip)),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => dst = Some(IpAddr::V6(*ip)),
+            _ => {}
+        }
+    }
+    let local = table == RT_TABLE_LOCAL
+        && route.header.kind == netlink_packet_route::route::RouteType::Local;
+    dst.filter(|ip| local && !ip.is_loopback())
 }
 
 /// A main-table IPv4/IPv6 route, or None for routes discovery does not look at.
@@ -528,6 +558,9 @@ pub struct InterfaceIndex {
     bridged: BTreeSet<IpAddr>,
     /// Subnets directly on a bridge (the pod networks of bridged CNIs).
     bridge_subnets: Vec<IpNet>,
+    /// The node's own addresses, on any interface (a bridge's gateway address included:
+    /// kubelet probes and masqueraded hairpin traffic of bridged CNIs come from it).
+    pub local_addresses: BTreeSet<IpAddr>,
 }
 
 impl InterfaceIndex {
@@ -544,7 +577,7 @@ impl InterfaceIndex {
     ///   the bridge itself; routes take precedence;
     /// - bridge subnets: non-host routes straight to a bridge.
     pub fn from_tables(tables: &Tables) -> InterfaceIndex {
-        let mut index = InterfaceIndex::default();
+        let mut index = InterfaceIndex { local_addresses: tables.local_addresses.clone(), ..Default::default() };
         let interface = |ifindex: u32| tables.links.get(&ifindex).map(|l| Interface { ifindex, name: l.name.clone() });
         for (ifindex, link) in &tables.links {
             index.links.insert(link.name.clone(), Interface { ifindex: *ifindex, name: link.name.clone() });
@@ -613,7 +646,7 @@ impl InterfaceIndex {
 
     /// Whether the set of links or placements changed since `other`.
     pub fn same_links(&self, other: &InterfaceIndex) -> bool {
-        self.links == other.links && self.by_ip == other.by_ip
+        self.links == other.links && self.by_ip == other.by_ip && self.local_addresses == other.local_addresses
     }
 }
 

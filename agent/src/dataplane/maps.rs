@@ -25,6 +25,7 @@ pub enum MapsError {
 pub struct KernelMaps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
+    pub pod_addresses: HashMap<MapData, IpcacheKey, u32>,
     pub identity: HashMap<MapData, PolicyIdentityKey, RuleMask>,
     pub cidr: LpmTrie<MapData, PolicyCidrKeyData, RuleMask>,
     pub port: HashMap<MapData, PolicyPortKey, RuleMask>,
@@ -51,6 +52,7 @@ impl KernelMaps {
         Ok(KernelMaps {
             endpoints: take(ebpf, "ENDPOINTS")?,
             ipcache: take(ebpf, "IPCACHE")?,
+            pod_addresses: take(ebpf, "POD_ADDRESSES")?,
             identity: take(ebpf, "POLICY_IDENTITY")?,
             cidr: take(ebpf, "POLICY_CIDR")?,
             port: take(ebpf, "POLICY_PORT")?,
@@ -157,6 +159,12 @@ impl PolicyMaps for KernelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), MapError> {
         let config = Config { ipcache_generation: generation, ..self.config };
         self.write_config(config)
+    }
+    fn set_pod_address(&mut self, addr: std::net::Ipv6Addr, ifindex: u32) -> Result<(), MapError> {
+        self.pod_addresses.insert(addr.octets(), ifindex, 0)
+    }
+    fn remove_pod_address(&mut self, addr: std::net::Ipv6Addr) -> Result<(), MapError> {
+        ignore_missing(self.pod_addresses.remove(&addr.octets()))
     }
     fn set_identity(&mut self, slot: u32, dir: u8, identity: u32, bits: u64) -> Result<(), MapError> {
         self.identity.insert(identity_key(slot, dir, identity), RuleMask { bits }, 0)

@@ -326,6 +326,9 @@ pub struct NodeCompiler {
     node: String,
     allow_host: bool,
     audit: AuditMode,
+    /// The node's own interface addresses: node addresses besides those the Node object and
+    /// pods' hostIPs give.
+    local_addresses: BTreeSet<IpAddr>,
     ids: IdentityAllocator,
     program: NodeProgram,
     /// Compilation failures by local pod.
@@ -345,6 +348,7 @@ impl NodeCompiler {
             node: node.to_string(),
             allow_host,
             audit: AuditMode::default(),
+            local_addresses: BTreeSet::new(),
             ids: IdentityAllocator::default(),
             program: NodeProgram::default(),
             failures: BTreeMap::new(),
@@ -381,6 +385,21 @@ impl NodeCompiler {
 
     pub fn program(&self) -> &NodeProgram {
         &self.program
+    }
+
+    pub fn local_addresses(&self) -> &BTreeSet<IpAddr> {
+        &self.local_addresses
+    }
+
+    /// Replaces the node's own interface addresses; refreshes the ipcache entries concerned.
+    pub fn set_local_addresses(&mut self, state: &ClusterState, addresses: &BTreeSet<IpAddr>) -> Dirty {
+        let mut dirty = Dirty::default();
+        let changed: BTreeSet<IpAddr> = self.local_addresses.symmetric_difference(addresses).copied().collect();
+        self.local_addresses = addresses.clone();
+        for ip in changed {
+            self.refresh_ipcache(state, ip, &mut dirty);
+        }
+        dirty
     }
 
     pub fn audit(&self) -> &AuditMode {
@@ -434,6 +453,7 @@ impl NodeCompiler {
         let mut addresses: BTreeSet<IpAddr> = self.program.ipcache.keys().filter_map(|n| from_host_net(*n)).collect();
         addresses.extend(selectable(state).flat_map(|p| p.ips.iter().copied()));
         addresses.extend(state.node_addresses(&self.node));
+        addresses.extend(self.local_addresses.iter().copied());
         for ip in addresses {
             self.refresh_ipcache(state, ip, &mut dirty);
         }
@@ -566,7 +586,7 @@ impl NodeCompiler {
     /// selectable pod by key owning it, else no entry (world).
     fn refresh_ipcache(&mut self, state: &ClusterState, ip: IpAddr, dirty: &mut Dirty) {
         let net = host_net(ip);
-        let value = if state.is_node_address(&self.node, &ip) {
+        let value = if state.is_node_address(&self.node, &ip) || self.local_addresses.contains(&ip) {
             Some(IpcacheValue { identity: IDENTITY_HOST, flags: 0 })
         } else {
             state

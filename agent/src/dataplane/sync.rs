@@ -135,6 +135,9 @@ pub trait PolicyMaps {
     fn remove_ipcache(&mut self, net: Ipv6Net) -> Result<(), Self::Error>;
     /// Makes conntrack entries taken under older ipcache contents stale.
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error>;
+    /// A local pod's own address and its interface (`POD_ADDRESSES`).
+    fn set_pod_address(&mut self, addr: Ipv6Addr, ifindex: u32) -> Result<(), Self::Error>;
+    fn remove_pod_address(&mut self, addr: Ipv6Addr) -> Result<(), Self::Error>;
     fn set_identity(&mut self, slot: u32, direction: u8, identity: u32, bits: u64) -> Result<(), Self::Error>;
     fn remove_identity(&mut self, slot: u32, direction: u8, identity: u32) -> Result<(), Self::Error>;
     fn set_cidr(&mut self, slot: u32, direction: u8, net: Ipv6Net, bits: u64) -> Result<(), Self::Error>;
@@ -245,6 +248,8 @@ pub struct Synchronizer {
     rules: RangeAllocator,
     next_revision: u32,
     ipcache_generation: u32,
+    /// `POD_ADDRESSES` as written: address (IPv4-mapped) -> ifindex.
+    pod_addresses: BTreeMap<Ipv6Addr, u32>,
     counts: EntryCounts,
     capacity: Capacity,
 }
@@ -283,6 +288,7 @@ impl Synchronizer {
             rules: RangeAllocator::new(MAX_RULE_COUNTERS),
             next_revision: rand::random(),
             ipcache_generation: rand::random(),
+            pod_addresses: BTreeMap::new(),
             counts: EntryCounts::default(),
             capacity,
         }
@@ -385,7 +391,10 @@ impl Synchronizer {
             report.ipcache_removed += 1;
         }
 
-        // 5. Flows allowed under the old ipcache are judged again at their next packet.
+        // 5. The local pods' addresses, for the netfilter program behind bridges.
+        self.sync_pod_addresses(maps).map_err(map_err("pod addresses"))?;
+
+        // 6. Flows allowed under the old ipcache are judged again at their next packet.
         if report.ipcache_written + report.ipcache_removed > 0 {
             self.ipcache_generation = self.ipcache_generation.wrapping_add(1);
             maps.set_ipcache_generation(self.ipcache_generation).map_err(map_err("ipcache"))?;
@@ -447,6 +456,29 @@ impl Synchronizer {
             if base != NO_RULE {
                 self.rules.release(base, entries.groups.len() as u32);
             }
+        }
+        Ok(())
+    }
+
+    fn sync_pod_addresses<M: PolicyMaps>(&mut self, maps: &mut M) -> Result<(), M::Error> {
+        let mut target: BTreeMap<Ipv6Addr, u32> = BTreeMap::new();
+        for live in self.live.values() {
+            let program = &live.program;
+            let own = program.ipv4.map(|v4| v4.to_ipv6_mapped()).into_iter().chain(program.ipv6);
+            for addr in own {
+                target.insert(addr, program.ifindex);
+            }
+        }
+        for (addr, ifindex) in &target {
+            if self.pod_addresses.get(addr) != Some(ifindex) {
+                maps.set_pod_address(*addr, *ifindex)?;
+                self.pod_addresses.insert(*addr, *ifindex);
+            }
+        }
+        let gone: Vec<Ipv6Addr> = self.pod_addresses.keys().filter(|a| !target.contains_key(*a)).copied().collect();
+        for addr in gone {
+            maps.remove_pod_address(addr)?;
+            self.pod_addresses.remove(&addr);
         }
         Ok(())
     }
@@ -549,6 +581,7 @@ pub struct ModelMaps {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
     pub ipcache_generation: u32,
+    pub pod_addresses: BTreeMap<Ipv6Addr, u32>,
     pub identity: BTreeMap<(u32, u8, u32), u64>,
     pub cidr: BTreeMap<(u32, u8, Ipv6Net), u64>,
     pub port: BTreeMap<(u32, u8, u8, u16), u64>,
@@ -583,6 +616,16 @@ impl PolicyMaps for ModelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error> {
         self.operations += 1;
         self.ipcache_generation = generation;
+        Ok(())
+    }
+    fn set_pod_address(&mut self, addr: Ipv6Addr, ifindex: u32) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.pod_addresses.insert(addr, ifindex);
+        Ok(())
+    }
+    fn remove_pod_address(&mut self, addr: Ipv6Addr) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.pod_addresses.remove(&addr);
         Ok(())
     }
     fn set_identity(&mut self, slot: u32, dir: u8, identity: u32, bits: u64) -> Result<(), Self::Error> {
