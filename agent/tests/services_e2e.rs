@@ -8,9 +8,9 @@
 mod common;
 use common::services::{Case, EGRESS_CASES, INGRESS_CASES, check_cases, oracle};
 use netsieve_tests::kube_proxy::{KubeProxy, ProxyMode};
-use netsieve_tests::netns::{Cluster, Transport, eventually, namespaces_with_prefix, run_in};
+use netsieve_tests::netns::{Cluster, Transport, namespaces_with_prefix, run_in};
 use netsieve_tests::seed_cluster::{Agents, remove_mount_root};
-use netsieve_tests::service_cluster::{KUBE_DNS_IP, build, write_manifests};
+use netsieve_tests::service_cluster::{KUBE_DNS_IP, build, wait_until_enforcing, write_manifests};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -112,10 +112,8 @@ fn through_services_with_agents(tag: &str, mode: ProxyMode, bridged: bool, cases
     write_manifests(&dir, &cluster).expect("manifests");
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
     let mut agents = Agents::start(&cluster, binary, &dir, &["--counters-interval", "0"]).expect("agents");
-    // Enforcing once a stranger can no longer reach web-a directly (an ingress decision).
-    let web_a = cluster.pod("web-a").ip.clone();
-    if !eventually(Duration::from_secs(15), || !cluster.tcp_connects("stranger", &web_a, 8080, Duration::from_millis(300))) {
-        panic!("the agents did not start enforcing; agents:\n{:#?}", agents.stop());
+    if let Err(error) = wait_until_enforcing(&cluster, Duration::from_secs(20)) {
+        panic!("{error}; agents:\n{:#?}", agents.stop());
     }
     let state = netsieve::manifests::load_dir(&dir).expect("manifests").cluster_state();
     check_cases(&cluster, &proxy, &state, cases, stage);

@@ -20,12 +20,13 @@
 //! - Ingress on the backends (already enforced before Services mattered): web admits
 //!   `role: frontend` only (`frontend` passes, `stranger` does not), prod admits nothing.
 use crate::kube_proxy::{KubeProxyError, ServiceSpec, TargetPort};
-use crate::netns::{Cluster, NetnsError, Transport};
+use crate::netns::{Cluster, NetnsError, Transport, eventually};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::time::Duration;
 
 /// A scenario pod: name, namespace, node, labels, container ports (name, protocol, number).
 pub struct ScenarioPod {
@@ -149,6 +150,28 @@ pub const NAMESPACES: &[&str] = &["shop", "prod", "kube-system", "default"];
 /// Builds the scenario on a cluster (`bridged`: the CNI bridge layout): pods, their declared
 /// ports and servers (TCP and UDP that answer with the pod name, DNS on the coredns pods and
 /// the fake one), and the Services. Kube-proxy is installed separately.
+/// Waits until the agent of every node answers `/readyz` (metrics on 9090 in the node's
+/// namespace) and both nodes enforce: a stranger can no longer reach web-a directly (node0, an
+/// ingress decision) and client can no longer reach web-b directly (node1, an egress
+/// decision). Checking one node only let a loaded machine start probing while the other
+/// node's agent was still attaching. Returns what was not reached.
+pub fn wait_until_enforcing(cluster: &Cluster, limit: Duration) -> Result<(), String> {
+    for node in 0..cluster.nodes.len() {
+        if !eventually(limit, || cluster.http_get(node, 9090, "/readyz").is_some_and(|(code, _)| code == 200)) {
+            return Err(format!("node{node}'s agent was not ready within {limit:?}"));
+        }
+    }
+    let web_a = cluster.pod("web-a").ip.clone();
+    let web_b = cluster.pod("web-b").ip.clone();
+    let probe = Duration::from_millis(300);
+    let enforcing =
+        || !cluster.tcp_connects("stranger", &web_a, 8080, probe) && !cluster.tcp_connects("client", &web_b, 8080, probe);
+    if !eventually(limit, enforcing) {
+        return Err(format!("the agents did not enforce on both nodes within {limit:?}"));
+    }
+    Ok(())
+}
+
 pub fn build(tag: &str, bridged: bool) -> Result<Cluster, KubeProxyError> {
     let layout: Vec<(&str, usize)> = PODS.iter().map(|p| (p.name, p.node)).collect();
     let mut cluster = if bridged { Cluster::new_bridged(tag, 2, &layout)? } else { Cluster::new(tag, 2, &layout)? };

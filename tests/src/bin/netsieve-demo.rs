@@ -79,10 +79,7 @@ fn services(binary: &Path) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     service_cluster::write_manifests(&dir, &cluster).map_err(|e| e.to_string())?;
     let mut agents = Agents::start(&cluster, binary, &dir, &["--counters-interval", "0"]).map_err(|e| e.to_string())?;
-    let web_a = cluster.pod("web-a").ip.clone();
-    if !eventually(Duration::from_secs(15), || !cluster.tcp_connects("stranger", &web_a, 8080, Duration::from_millis(300))) {
-        return Err("the agents did not start enforcing within 15 s".into());
-    }
+    service_cluster::wait_until_enforcing(&cluster, Duration::from_secs(20))?;
     println!("\nwith netsieve, prod has default-deny-all + allow-dns-egress (seed 001):");
     let mut mismatches = Vec::new();
     for (service, port, what) in [
@@ -166,6 +163,11 @@ fn run(binary: &Path) -> Result<(), String> {
     let mut agents = Agents::start(&cluster, binary, &dir, &["--counters-interval", "0"]).map_err(|e| e.to_string())?;
     for node in &cluster.nodes {
         println!("started: ip netns exec {} {} agent --node {} --manifests {}", node.netns, binary.display(), node.name, dir.display());
+    }
+    for node in 0..cluster.nodes.len() {
+        if !eventually(Duration::from_secs(20), || cluster.http_get(node, 9090, "/readyz").is_some_and(|(code, _)| code == 200)) {
+            return Err(format!("node{node}'s agent was not ready within 20 s"));
+        }
     }
     let nginx = cluster.pod("nginx-1").ip.clone();
     if !eventually(Duration::from_secs(15), || !cluster.tcp_connects("interactivetest", &nginx, 80, Duration::from_millis(300))) {
