@@ -5,7 +5,7 @@
 //! mode (namespace annotation and node-wide). Needs root; touches nothing outside the
 //! namespaces it creates.
 mod common;
-use common::observe::{Monitor, drops, endpoint, event_counter, run, status, wait_subscribers};
+use common::observe::{Monitor, agent_logs, drops, endpoint, event_counter, run, status, try_status, wait_subscribers};
 use common::{SEED_PROBES, probe_pod};
 use netsieve_tests::netns::{Cluster, eventually, in_netns, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{
@@ -51,10 +51,9 @@ fn events_monitor_status_and_live_explain() {
     let mut agents = Agents::start(&cluster, binary(), &dir, &["--events-allowed", "--counters-interval", "0"]).expect("agents");
     let socket = agent_socket(&cluster, 0);
     let nginx = cluster.pod("nginx-1").ip.clone();
-    assert!(
-        eventually(Duration::from_secs(15), || !cluster.tcp_connects("interactivetest", &nginx, 80, Duration::from_millis(300))),
-        "agent never started enforcing"
-    );
+    if !eventually(Duration::from_secs(15), || !cluster.tcp_connects("interactivetest", &nginx, 80, Duration::from_millis(300))) {
+        panic!("agent never started enforcing; agents:\n{}", agent_logs(&mut agents));
+    }
 
     // Three monitors of node0's agent: everything, the cache's drops, and one text line of
     // nginx's drops.
@@ -191,7 +190,22 @@ fn events_monitor_status_and_live_explain() {
     assert_eq!(entry["responder"]["port"], 80);
     assert!(entry["last_seen"].as_str().is_some_and(is_rfc3339));
     assert_eq!(entry["rules"][0]["policy"], "default/access-nginx");
+    // The denied connection: the client's egress (not isolated) tracked it, nginx's ingress
+    // never did.
+    let (code, text, _) = run(&["explain", "--agent", "--socket", socket_arg.as_str(), "--from", "default/interactivetest", "--to", "default/nginx-1", "--port", "80", "--output", "json"]);
+    assert_eq!(code, 1);
+    let live: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let entries = live["conntrack"]["entries"].as_array().expect("entries");
+    assert!(!entries.is_empty(), "the client's egress tracked its attempts: {live:#}");
+    for entry in entries {
+        assert_eq!(entry["interface"], cluster.pod("interactivetest").host_veth.as_str(), "{entry}");
+        assert_eq!(entry["direction"], "egress", "{entry}");
+    }
     let (code, text, _) = run(&["explain", "--agent", "--socket", socket_arg.as_str(), "--from", "default/interactivetest", "--to", "default/nginx-1", "--port", "80"]);
+    assert_eq!(code, 1);
+    assert!(text.starts_with("DENIED") && text.contains("the programmed maps deny it"), "{text}");
+    // A flow nobody tried: no entry anywhere.
+    let (code, text, _) = run(&["explain", "--agent", "--socket", socket_arg.as_str(), "--from", "default/build-code", "--to", "default/nginx-1", "--port", "80"]);
     assert_eq!(code, 1);
     assert!(text.starts_with("DENIED") && text.contains("conntrack: no entry"), "{text}");
     let (code, _, stderr) = run(&["explain", "--agent", "--socket", socket_arg.as_str(), "--from", "default/nobody", "--to", "default/nginx-1", "--port", "80"]);
@@ -256,7 +270,7 @@ fn counters_stay_exact_when_the_rate_limit_drops_events() {
     let sender_ns = cluster.pod("sender").netns.clone();
     assert!(
         eventually(Duration::from_secs(15), || {
-            status(&socket)["endpoints"].as_array().is_some_and(|e| e.len() == 2) && {
+            try_status(&socket).is_ok_and(|s| s["endpoints"].as_array().is_some_and(|e| e.len() == 2)) && {
                 // Resolves the neighbours on the way; the datagram itself is denied.
                 send_udp_flood(&sender_ns, target, 1, Duration::ZERO);
                 drops(&status(&socket), "drops", "policy_denied", "ingress") > 0
@@ -326,7 +340,9 @@ fn audit_mode_passes_traffic_and_reports_it() {
     let nginx = cluster.pod("nginx-1").ip.clone();
     let cache = cluster.pod("cache-store").ip.clone();
     let t = Duration::from_millis(500);
-    assert!(eventually(Duration::from_secs(15), || !cluster.tcp_connects("interactivetest", &nginx, 80, t)), "never enforcing");
+    if !eventually(Duration::from_secs(15), || !cluster.tcp_connects("interactivetest", &nginx, 80, t)) {
+        panic!("never enforcing; agents:\n{}", agent_logs(&mut agents));
+    }
     let monitor = Monitor::start(&socket, &["--output", "json", "--verdict", "audit"]);
     assert!(wait_subscribers(&socket, 1));
 

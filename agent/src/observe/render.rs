@@ -206,7 +206,7 @@ pub fn live_explanation_text(explanation: &LiveExplanation) -> String {
     }
     for check in &explanation.programmed {
         let interface = check.interface.clone().unwrap_or_else(|| format!("ifindex {}", check.ifindex));
-        let verdict = if check.allowed { "allows" } else { "denies" };
+        let verdict = if check.allowed { "allow" } else { "deny" };
         let mut line = format!("    {} {} on {interface}: the programmed maps {verdict} it", check.pod, check.direction.name());
         if let Some(r) = check.rules.first() {
             let _ = write!(line, " ({})", rule(r));

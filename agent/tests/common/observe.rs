@@ -124,10 +124,22 @@ pub fn run(args: &[&str]) -> (i32, String, String) {
 
 /// `netsieve status --output json` of the agent on `socket`.
 pub fn status(socket: &Path) -> serde_json::Value {
+    try_status(socket).unwrap_or_else(|stderr| panic!("status failed: {stderr}"))
+}
+
+/// Like [`status`], for an agent that may not listen yet: its error output when it fails.
+pub fn try_status(socket: &Path) -> Result<serde_json::Value, String> {
     let socket = socket.to_string_lossy().to_string();
     let (code, stdout, stderr) = run(&["status", "--socket", socket.as_str(), "--output", "json"]);
-    assert_eq!(code, 0, "status failed: {stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status is not JSON ({e}): {stdout}"))
+    if code != 0 {
+        return Err(stderr);
+    }
+    Ok(serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("status is not JSON ({e}): {stdout}")))
+}
+
+/// Stops the agents and returns their logs, for a failure message.
+pub fn agent_logs(agents: &mut netsieve_tests::seed_cluster::Agents) -> String {
+    agents.stop().into_iter().map(|(_, log)| log).collect::<Vec<_>>().join("\n----\n")
 }
 
 /// The status entry of one endpoint (`namespace/pod`).
