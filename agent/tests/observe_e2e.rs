@@ -111,6 +111,8 @@ fn events_monitor_status_and_live_explain() {
     // --count 1, text: one line, then exit 0.
     let (exit, lines, stderr) = one_line.wait_exit(Duration::from_secs(5));
     assert!(exit.is_some_and(|s| s.success()), "monitor --count 1: {exit:?} {stderr}");
+    // Shown with --nocapture: the README's sample output comes from here.
+    eprintln!("SAMPLE monitor (stderr, stdout):\n{stderr}{}", lines.join("\n"));
     assert_eq!(lines.len(), 1, "{lines:?}");
     let expected_start = format!("DROPPED ingress default/interactivetest {}:", cluster.pod("interactivetest").ip);
     assert!(
@@ -149,6 +151,7 @@ fn events_monitor_status_and_live_explain() {
     assert_eq!(cache_rule(&node0), Some(0), "never matched");
     let socket_text = socket.to_string_lossy().to_string();
     let (_, text, _) = run(&["status", "--socket", socket_text.as_str()]);
+    eprintln!("SAMPLE status:\n{text}");
     assert!(text.contains("rules that never matched (1):") && text.contains("secure-middleware/cache-store-allow-ingress ingress rule 0"), "{text}");
     let maps = node0["maps"].as_array().expect("maps");
     let endpoints_map = maps.iter().find(|m| m["name"] == "ENDPOINTS").expect("ENDPOINTS");
