@@ -5,7 +5,8 @@
 use crate::dataplane::node::{ClusterChange, Dirty, NodeCompiler, replace_state};
 use crate::dataplane::sync::{Capacity, PolicyMaps, SyncError, SyncReport, Synchronizer};
 use crate::metrics::Metrics;
-use crate::policy::{ClusterState, CompiledPolicy, PodInfo, namespace_labels};
+use crate::dataplane::node::AuditMode;
+use crate::policy::{ClusterState, CompiledPolicy, PodInfo, namespace_audited, namespace_labels};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use std::sync::Arc;
@@ -122,6 +123,9 @@ fn apply_object(state: &mut ClusterState, object: KubeObject) -> Option<ClusterC
     match object {
         KubeObject::Namespace(ns) => {
             let (name, labels) = namespace_labels(&ns)?;
+            // Audit mode is not a label: the controller compares the audited set after the
+            // batch (see `Controller::apply_audit`).
+            state.set_namespace_audit(&name, namespace_audited(&ns));
             if state.namespaces.get(&name) == Some(&labels) {
                 return None;
             }
@@ -161,6 +165,9 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     /// Set when a sync failed part-way: the next sync compares everything.
     needs_full_sync: bool,
+    /// `agent --audit`: every local pod in audit mode (namespaces annotated for it come
+    /// with the state).
+    audit_node_wide: bool,
 }
 
 impl Controller {
@@ -171,7 +178,24 @@ impl Controller {
             sync: Synchronizer::with_capacity(capacity),
             metrics,
             needs_full_sync: false,
+            audit_node_wide: false,
         }
+    }
+
+    /// Audit mode for every local pod (`agent --audit`), from the next programming on.
+    pub fn set_node_audit(&mut self, on: bool) {
+        self.audit_node_wide = on;
+    }
+
+    /// Brings the compiler's audit mode to `--audit` and the annotated namespaces; recompiles
+    /// the endpoints whose mode changed.
+    fn apply_audit(&mut self) -> Dirty {
+        let wanted = AuditMode { node_wide: self.audit_node_wide, namespaces: self.state.audit_namespaces.clone() };
+        if wanted == *self.compiler.audit() {
+            return Dirty::default();
+        }
+        tracing::info!(node_wide = wanted.node_wide, namespaces = ?wanted.namespaces, "audit mode changed");
+        self.compiler.set_audit(&self.state, wanted)
     }
 
     /// Applies a batch of events (a coalesced burst) and programs the maps. `received` is when
@@ -250,6 +274,7 @@ impl Controller {
         maps: &mut M,
         interface_of: &dyn Fn(&PodInfo) -> Option<u32>,
     ) -> Result<SyncReport, SyncError> {
+        self.apply_audit();
         self.compiler.full(&self.state, interface_of);
         self.needs_full_sync = false;
         let result = self.sync.sync(maps, self.compiler.program());
@@ -261,7 +286,8 @@ impl Controller {
 
     /// Writes what changed. Every batch is observed in the latency histogram, including
     /// those that needed no write (the maps already reflected them).
-    fn program<M: PolicyMaps>(&mut self, maps: &mut M, dirty: Dirty, received: Instant) -> Result<SyncReport, SyncError> {
+    fn program<M: PolicyMaps>(&mut self, maps: &mut M, mut dirty: Dirty, received: Instant) -> Result<SyncReport, SyncError> {
+        dirty.merge(self.apply_audit());
         if dirty.is_empty() && !self.needs_full_sync {
             self.metrics.observe_programming(received.elapsed());
             return Ok(SyncReport::default());
@@ -358,5 +384,59 @@ mod tests {
             assert_eq!(selecting.len(), 1);
             assert!(selecting[0].rules(direction).is_some_and(|r| r.is_empty()));
         }
+    }
+
+    /// Namespace annotations (`netsieve.io/audit: "true"`) and `--audit` put local pods in
+    /// audit mode and take them out again, whichever source delivers the Namespace.
+    #[test]
+    fn audit_annotation_and_node_flag_switch_audit_mode() {
+        use netsieve_common::EP_AUDIT;
+        let namespace = |name: &str, audit: bool| -> Namespace {
+            let annotations = if audit { serde_json::json!({"netsieve.io/audit": "true"}) } else { serde_json::json!({"other": "x"}) };
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name, "annotations": annotations}})).expect("namespace")
+        };
+        let pod = |namespace: &str, name: &str, ip: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+                "spec": {"nodeName": "node0", "containers": [{"name": "c", "image": "x"}]},
+                "status": {"podIP": ip, "podIPs": [{"ip": ip}]}
+            }))
+            .expect("pod")
+        };
+        let ifindex = |p: &PodInfo| Some(if p.namespace == "staging" { 10 } else { 11 });
+        let mut controller = Controller::new("node0", true, Capacity::default(), Arc::new(Metrics::default()));
+        let mut maps = ModelMaps::default();
+        let events = vec![
+            ObjectEvent::Relisted(
+                ObjectKind::Namespace,
+                vec![KubeObject::Namespace(Box::new(namespace("staging", true))), KubeObject::Namespace(Box::new(namespace("prod", false)))],
+            ),
+            ObjectEvent::Relisted(
+                ObjectKind::Pod,
+                vec![KubeObject::Pod(Box::new(pod("staging", "a", "10.0.0.1"))), KubeObject::Pod(Box::new(pod("prod", "b", "10.0.0.2")))],
+            ),
+            ObjectEvent::Relisted(ObjectKind::NetworkPolicy, vec![]),
+        ];
+        controller.apply_events(&mut maps, events, Instant::now(), &ifindex).expect("sync");
+        let audited = |maps: &ModelMaps, ifindex: u32| maps.endpoints.get(&ifindex).map(|e| e.flags & EP_AUDIT != 0);
+        assert_eq!(controller.compiler.audit().namespaces, ["staging".to_string()].into());
+        assert_eq!((audited(&maps, 10), audited(&maps, 11)), (Some(true), Some(false)));
+
+        // The annotation goes (a MODIFIED Namespace, labels unchanged): enforced again.
+        let modified = vec![ObjectEvent::Applied(KubeObject::Namespace(Box::new(namespace("staging", false))))];
+        controller.apply_events(&mut maps, modified, Instant::now(), &ifindex).expect("sync");
+        assert!(controller.compiler.audit().namespaces.is_empty());
+        assert_eq!((audited(&maps, 10), audited(&maps, 11)), (Some(false), Some(false)));
+
+        // Node-wide, from the next programming on.
+        controller.set_node_audit(true);
+        controller.full_resync(&mut maps, &ifindex).expect("sync");
+        assert_eq!((audited(&maps, 10), audited(&maps, 11)), (Some(true), Some(true)));
+
+        // Manifests mode: the annotation comes with the loaded state.
+        controller.set_node_audit(false);
+        let state = ClusterState::new(&[namespace("staging", false), namespace("prod", true)], &[pod("staging", "a", "10.0.0.1"), pod("prod", "b", "10.0.0.2")], &[], &[]);
+        controller.replace(&mut maps, state, Instant::now(), &ifindex).expect("sync");
+        assert_eq!((audited(&maps, 10), audited(&maps, 11)), (Some(false), Some(true)));
     }
 }

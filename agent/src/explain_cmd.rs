@@ -1,9 +1,15 @@
 //! `netsieve explain`: whether a flow is allowed by the policies in a manifests directory (or
 //! of a live cluster, with `--kubeconfig`), and which policy, rule, peer and port decided it.
+//! With `--agent`, the local agent answers from the state it enforces, and adds what its
+//! programmed maps say and whether conntrack holds the flow.
 use crate::manifests;
+use crate::node_api::observe::ExplainQuery;
+use crate::node_api::{self, DEFAULT_SOCKET, Request, Response};
+use crate::observe::render::live_explanation_text;
 use crate::policy::{self, ClusterState, DirectionVerdict, Exception, Flow, Protocol, Verdict};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Exit status for an allowed flow.
 pub const EXIT_ALLOWED: u8 = 0;
@@ -21,12 +27,23 @@ pub enum OutputFormat {
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExplainArgs {
     /// Directory of YAML/JSON manifests (Namespaces, Nodes, Pods, NetworkPolicies).
-    #[arg(long, required_unless_present = "kubeconfig", conflicts_with = "kubeconfig")]
+    #[arg(long, required_unless_present_any = ["kubeconfig", "agent"], conflicts_with_all = ["kubeconfig", "agent"])]
     pub manifests: Option<PathBuf>,
     /// Read the objects from the Kubernetes API instead (this kubeconfig; read access to pods,
     /// namespaces and networkpolicies), decoded exactly as the agent decodes them.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "agent")]
     pub kubeconfig: Option<PathBuf>,
+    /// Ask the agent of this node (over `--socket`): the verdict on the state it enforces,
+    /// what its programmed maps say, and the flow's conntrack entries.
+    #[arg(long)]
+    pub agent: bool,
+    /// The agent's node socket (with `--agent`).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// With `--agent`: look conntrack up for this source port only (without it, every entry of
+    /// the flow's addresses and destination port is listed).
+    #[arg(long, requires = "agent")]
+    pub source_port: Option<u16>,
     /// Source: NAMESPACE/POD or an IP address.
     #[arg(long)]
     pub from: String,
@@ -59,6 +76,9 @@ struct JsonReport<'a> {
 
 /// Runs the command and returns its exit status.
 pub fn run(args: &ExplainArgs) -> u8 {
+    if args.agent {
+        return run_live(args);
+    }
     match evaluate(args) {
         Ok((state_errors, flow, verdict)) => {
             for error in &state_errors {
@@ -91,6 +111,65 @@ pub fn run(args: &ExplainArgs) -> u8 {
             EXIT_ERROR
         }
     }
+}
+
+/// `--agent`: the agent answers; same verdict, reasons and exit status as the offline modes.
+fn run_live(args: &ExplainArgs) -> u8 {
+    let query = ExplainQuery {
+        from: args.from.clone(),
+        to: args.to.clone(),
+        port: args.port,
+        protocol: args.protocol.to_string(),
+        source_port: args.source_port,
+    };
+    let explanation = match node_api::call(&args.socket, Request::Explain(query), Duration::from_secs(30)) {
+        Ok(Response::Explained(explanation)) => explanation,
+        Ok(Response::Error { code, message }) => {
+            eprintln!("error: the agent refused: {code:?}: {message}");
+            return EXIT_ERROR;
+        }
+        Ok(other) => {
+            eprintln!("error: unexpected answer from the agent: {other:?}");
+            return EXIT_ERROR;
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            return EXIT_ERROR;
+        }
+    };
+    match args.output {
+        OutputFormat::Json => {
+            // The offline report's fields first, then what only the agent knows.
+            let mut value = match serde_json::to_value(&*explanation) {
+                Ok(value) => value,
+                Err(e) => {
+                    eprintln!("error: encoding JSON: {e}");
+                    return EXIT_ERROR;
+                }
+            };
+            if let Some(object) = value.as_object_mut() {
+                object.insert("manifest_errors".into(), serde_json::Value::Array(Vec::new()));
+            }
+            match serde_json::to_string_pretty(&value) {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("error: encoding JSON: {e}");
+                    return EXIT_ERROR;
+                }
+            }
+        }
+        OutputFormat::Text => {
+            let verdict = Verdict {
+                allowed: explanation.allowed,
+                exception: explanation.exception,
+                egress: explanation.egress.clone(),
+                ingress: explanation.ingress.clone(),
+            };
+            print!("{}", render_text(&explanation.flow, &verdict));
+            print!("{}", live_explanation_text(&explanation));
+        }
+    }
+    if explanation.allowed { EXIT_ALLOWED } else { EXIT_DENIED }
 }
 
 fn evaluate(args: &ExplainArgs) -> Result<(Vec<String>, Flow, Verdict), String> {

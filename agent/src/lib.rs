@@ -10,6 +10,9 @@
 //! - [`metrics`]: Prometheus text metrics and readiness.
 //! - [`daemon`]: `netsieve agent`, wiring sources, controller, kernel and metrics server.
 //! - [`node_api`]: the requests of the agent's node-local unix socket.
+//! - [`observe`]: verdict events, status and counters with names (kernel-free parts).
+//! - [`monitor_cmd`], [`status_cmd`]: `netsieve monitor` and `netsieve status`, clients of the
+//!   node socket.
 //! - [`cni`]: the chained CNI plugin `netsieve-cni` and its installation.
 pub mod cni;
 pub mod controller;
@@ -20,5 +23,8 @@ pub mod explain_cmd;
 pub mod kube_source;
 pub mod manifests;
 pub mod metrics;
+pub mod monitor_cmd;
 pub mod node_api;
+pub mod observe;
 pub mod policy;
+pub mod status_cmd;

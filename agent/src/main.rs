@@ -12,9 +12,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Say whether a flow is allowed by the NetworkPolicies in a directory, and why.
+    /// Say whether a flow is allowed by the NetworkPolicies in a directory (or the cluster, or
+    /// as the local agent enforces them, with --agent), and why.
     /// Exit status: 0 allowed, 1 denied, 2 error.
     Explain(netsieve::explain_cmd::ExplainArgs),
+    /// Stream the local agent's verdict events (drops, audits, allowed flows) as they happen.
+    /// Exit status: 0 when the agent goes away or --count is reached, 2 error.
+    Monitor(netsieve::monitor_cmd::MonitorArgs),
+    /// What the local agent enforces: endpoints, policies, counters, rules that never matched,
+    /// map pressure, audit mode. Exit status: 0 done, 2 error.
+    Status(netsieve::status_cmd::StatusArgs),
     /// Enforce NetworkPolicies for the pods of one node (runs until SIGTERM).
     Agent(netsieve::daemon::AgentArgs),
     /// Detach the programs and remove the pins an `agent --on-exit keep` left on this node
@@ -69,6 +76,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Explain(args) => ExitCode::from(netsieve::explain_cmd::run(&args)),
+        Command::Monitor(args) => ExitCode::from(netsieve::monitor_cmd::run(&args)),
+        Command::Status(args) => ExitCode::from(netsieve::status_cmd::run(&args)),
         Command::Agent(args) => {
             init_logging();
             match netsieve::daemon::run(args) {

@@ -280,7 +280,7 @@ fn dockerfile_is_multi_stage_and_kind_config_parses() {
 /// The agent's exposition with a series in every family, rendered in-process: metric name
 /// (as sampled: `_total`, `_bucket`, ...) -> its label names.
 fn exposed_metrics() -> BTreeMap<String, BTreeSet<String>> {
-    use netsieve::metrics::{DataplaneSnapshot, EndpointCounters, Metrics};
+    use netsieve::metrics::{AuditSnapshot, DataplaneSnapshot, EndpointCounters, Metrics, RuleSeries};
     use std::time::Duration;
     let metrics = Metrics::default();
     metrics.observe_programming(Duration::from_millis(2));
@@ -291,8 +291,18 @@ fn exposed_metrics() -> BTreeMap<String, BTreeSet<String>> {
     metrics.invalid_object("NetworkPolicy", "invalid_policy");
     let mut snapshot = DataplaneSnapshot {
         drops: vec![("policy_denied", "ingress", 3)],
+        audits: vec![("policy_denied", "ingress", 2)],
         endpoint_count: 1,
         policy_count: 1,
+        rules: vec![RuleSeries {
+            namespace: "default".into(),
+            policy: "access-nginx".into(),
+            direction: "ingress",
+            rule: "0".into(),
+            packets: 4,
+            bytes: 400,
+        }],
+        audit: AuditSnapshot { active: true, namespaces: vec!["staging".into()], endpoints: 1 },
         ..DataplaneSnapshot::default()
     };
     snapshot.endpoints.insert("default/nginx-1".into(), EndpointCounters { denied_packets: [3, 0], ..Default::default() });
@@ -506,6 +516,17 @@ fn grafana_dashboard_queries_metrics_the_agent_exposes() {
         "netsieve_api_watch_restarts_total",
         "netsieve_api_relists_total",
         "netsieve_ready",
+        "netsieve_audit_mode",
+        "netsieve_audit_total",
+        "netsieve_audit_endpoints",
+        "netsieve_audit_namespace",
+        "netsieve_rule_packets_total",
+        "netsieve_rules_unmatched",
+        "netsieve_events_emitted_total",
+        "netsieve_events_not_emitted_total",
+        "netsieve_events_dropped_total",
+        "netsieve_events_read_total",
+        "netsieve_event_subscribers",
     ] {
         assert!(used.contains(metric), "the dashboard shows no {metric}");
     }

@@ -12,14 +12,17 @@ use crate::dataplane::sync::{Capacity, SyncError};
 use crate::dir_watch::DirFingerprint;
 use crate::kube_source::Received;
 use crate::manifests;
-use crate::metrics::{DataplaneSnapshot, Metrics};
+use super::events::ReaderCounters;
+use crate::metrics::{AuditSnapshot, DataplaneSnapshot, EndpointCounters, EventPathSnapshot, Metrics, RuleSeries};
+use crate::observe::book::EndpointBook;
+use crate::observe::hub::EventHub;
+use crate::observe::ledger::CounterLedger;
 use crate::policy::{ClusterState, PodInfo};
 use k8s_openapi::api::core::v1::Pod;
-use netsieve_common::MAX_ENDPOINTS;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 type StepResult = Result<crate::dataplane::sync::SyncReport, SyncError>;
 
@@ -47,14 +50,37 @@ pub(super) struct Agent {
     pub(super) pod_objects: BTreeMap<String, Pod>,
     /// Manifests mode: the state as last loaded, before CNI addresses were filled in.
     pub(super) last_loaded: Option<ClusterState>,
+    /// The programmings the synchronizer wrote, current and recently retired (names for
+    /// events and counters).
+    pub(super) book: EndpointBook,
+    /// Counters carried over reprogrammings.
+    pub(super) ledger: CounterLedger,
+    /// When the maps were last written.
+    pub(super) last_programmed: Option<SystemTime>,
+    /// Subscribers of the verdict event stream.
+    pub(super) hub: Arc<EventHub>,
+    pub(super) reader_counters: Arc<ReaderCounters>,
 }
 
 impl Agent {
-    pub(super) fn start(args: AgentArgs, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
+    pub(super) fn start(
+        args: AgentArgs,
+        metrics: Arc<Metrics>,
+        hub: Arc<EventHub>,
+        reader_counters: Arc<ReaderCounters>,
+    ) -> Result<Agent, AgentError> {
         let mut dataplane = Dataplane::load(&args)?;
+        dataplane.set_event_settings(args.events_per_second, args.events_burst, args.events_allowed)?;
         dataplane.enable_netfilter();
-        let controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
-        tracing::info!(node = %args.node, pins = %dataplane.pin_dir.display(), "agent started");
+        let mut controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
+        controller.set_node_audit(args.audit);
+        if args.audit {
+            tracing::warn!("audit mode for every pod of this node: policy drops pass and are reported as audit, nothing is enforced but anti-spoofing");
+        }
+        tracing::info!(
+            node = %args.node, pins = %dataplane.pin_dir.display(), events_per_second = args.events_per_second,
+            events_burst = args.events_burst, events_allowed = args.events_allowed, "agent started"
+        );
         Ok(Agent {
             args,
             dataplane,
@@ -70,6 +96,11 @@ impl Agent {
             parked: Vec::new(),
             pod_objects: BTreeMap::new(),
             last_loaded: None,
+            book: EndpointBook::default(),
+            ledger: CounterLedger::default(),
+            last_programmed: None,
+            hub,
+            reader_counters,
         })
     }
 
@@ -102,11 +133,16 @@ impl Agent {
         &mut self,
         step: impl FnOnce(&mut Controller, &mut KernelMaps, &dyn Fn(&PodInfo) -> Option<u32>) -> StepResult,
     ) -> StepResult {
-        let dp = &mut self.dataplane;
-        let discovered = Dataplane::interface_of(&dp.interfaces);
-        let cni = &self.cni;
-        let interface_of = |pod: &PodInfo| cni.ifindex_of(&pod.key()).or_else(|| discovered(pod));
-        step(&mut self.controller, &mut dp.maps, &interface_of)
+        let result = {
+            let dp = &mut self.dataplane;
+            let discovered = Dataplane::interface_of(&dp.interfaces);
+            let cni = &self.cni;
+            let interface_of = |pod: &PodInfo| cni.ifindex_of(&pod.key()).or_else(|| discovered(pod));
+            step(&mut self.controller, &mut dp.maps, &interface_of)
+        };
+        let wrote = result.as_ref().map_or(true, |report| *report != Default::default());
+        self.observe_programming(wrote);
+        result
     }
 
     /// A step that may change the endpoints: runs and records it, then detaches and attaches
@@ -358,6 +394,9 @@ impl Agent {
             ""
         };
         self.metrics.set_ready(reason.is_empty(), reason);
+        // Nobody should mistake audit for enforcement: /readyz says so.
+        let audit = self.audit_status();
+        self.metrics.set_readiness_detail(audit.is_active().then(|| format!("audit mode: {}", audit.describe())));
         // Once in sync, a previous agent's links on interfaces we did not take over belong to
         // pods that left: detach them.
         if reason.is_empty() && self.dataplane.attachments.previous_links() > 0 {
@@ -366,29 +405,52 @@ impl Agent {
     }
 
     pub(super) fn snapshot(&mut self) -> DataplaneSnapshot {
-        let live: BTreeMap<u32, String> =
-            self.controller.sync.live_endpoints().map(|(name, id, _)| (id, name.to_string())).collect();
-        let endpoints = self.dataplane.endpoint_counters(&live);
-        let counts = self.controller.sync.entry_counts();
-        let capacity = self.controller.sync.capacity();
-        let mut maps = BTreeMap::new();
-        maps.insert("ENDPOINTS", (live.len(), MAX_ENDPOINTS as usize));
-        maps.insert("IPCACHE", (self.controller.sync.ipcache_len(), capacity.ipcache));
-        maps.insert("POLICY_IDENTITY", (counts.identity, capacity.identity));
-        maps.insert("POLICY_CIDR", (counts.cidr, capacity.cidr));
-        maps.insert("POLICY_PORT", (counts.port, capacity.port));
-        maps.insert("POLICY_RANGE", (counts.port_range, capacity.port_range));
+        let endpoints: BTreeMap<String, EndpointCounters> =
+            self.book.current().map(|p| (p.endpoint.clone(), EndpointCounters::from(&self.endpoint_totals(p)))).collect();
+        let rules = self
+            .node_rule_totals()
+            .into_iter()
+            .map(|(key, count)| {
+                let (namespace, policy) = key.policy.split_once('/').unwrap_or(("", key.policy.as_str()));
+                RuleSeries {
+                    namespace: namespace.to_string(),
+                    policy: policy.to_string(),
+                    direction: if key.direction == netsieve_common::DIRECTION_EGRESS { "egress" } else { "ingress" },
+                    rule: key.index.to_string(),
+                    packets: count.stats.packets,
+                    bytes: count.stats.bytes,
+                }
+            })
+            .collect();
+        let events = self.event_status();
+        let audit = self.audit_status();
         let state = &self.controller.state;
         DataplaneSnapshot {
             drops: read_drop_counters(&self.dataplane.drops),
+            audits: read_drop_counters(&self.dataplane.audits),
             endpoints,
-            maps,
-            endpoint_count: live.len(),
+            rules,
+            maps: self.map_pressure(),
+            endpoint_count: self.book.len(),
             endpoints_failed_closed: self.controller.compiler.program().endpoints.values().filter(|e| e.fail_closed).count(),
             pods_waiting_for_interface: self.controller.compiler.waiting_for_interface().count(),
             policy_count: state.policies.len(),
             invalid_policy_count: state.policies.values().filter(|p| !p.errors.is_empty()).count(),
             identity_count: self.controller.compiler.identities().len(),
+            events: EventPathSnapshot {
+                emitted: events.emitted,
+                rate_limited: events.rate_limited,
+                ring_full: events.ring_full,
+                read: events.read,
+                dropped_agent_busy: events.dropped_agent_busy,
+                dropped_slow_subscribers: events.dropped_slow_subscribers,
+                subscribers: events.subscribers,
+            },
+            audit: AuditSnapshot {
+                active: audit.is_active(),
+                namespaces: audit.namespaces.clone(),
+                endpoints: self.book.current().filter(|p| p.audit).count(),
+            },
         }
     }
 

@@ -3,6 +3,10 @@ use crate::node_api::DEFAULT_SOCKET;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// Highest `--events-per-second` and `--events-burst`: the programs compute a refill as
+/// elapsed ns (at most 1e9) x rate x 1000 in 64 bits, exact below 18.4 million per second.
+pub const MAX_EVENT_RATE: i64 = 1_000_000;
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentArgs {
     /// Name of this node: pods whose spec.nodeName equals it are enforced here.
@@ -47,6 +51,24 @@ pub struct AgentArgs {
     /// until the object arrives).
     #[arg(long, default_value_t = 2000)]
     pub cni_pod_wait_ms: u64,
+    /// Verdict events (`netsieve monitor`) each CPU may emit per second, a token bucket's
+    /// refill; 0 turns events off. Events past the limit are not emitted but counted; packet
+    /// counters are exact whatever the limit. At most 1,000,000 (the kernel's refill
+    /// arithmetic is exact up to there).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=MAX_EVENT_RATE))]
+    pub events_per_second: u32,
+    /// Events each CPU may emit at once (the token bucket's size), at most 1,000,000.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=MAX_EVENT_RATE))]
+    pub events_burst: u32,
+    /// Also emit an event for the first packet of every allowed flow (off: drops and audits
+    /// only).
+    #[arg(long)]
+    pub events_allowed: bool,
+    /// Audit mode for every pod of this node: what policy would drop passes, is counted and
+    /// reported as `audit` events. For some namespaces only, annotate them
+    /// `netsieve.io/audit: "true"`. Structural drops (spoofed, malformed) are enforced anyway.
+    #[arg(long)]
+    pub audit: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -135,6 +135,14 @@ impl Agent {
             },
             Request::CniCheck(attachment) => self.cni_check(&attachment),
             Request::CniDel(detachment) => self.cni_del(&detachment),
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Explain(query) => {
+                // Answered from a blocking thread once conntrack is read.
+                self.explain_live(query, reply);
+                return;
+            }
+            // The socket server serves subscriptions itself.
+            Request::Subscribe(_) => Response::error(ErrorCode::Invalid, "subscribe is answered by the socket server"),
             // The socket server answers pings itself.
             Request::Ping => Response::Pong { agent_version: env!("CARGO_PKG_VERSION").to_string(), node: self.args.node.clone() },
         };

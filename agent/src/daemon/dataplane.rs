@@ -8,17 +8,16 @@ use crate::dataplane::discovery::InterfaceIndex;
 use crate::dataplane::kernel;
 use crate::dataplane::maps::{KernelMaps, MapsError};
 use crate::dataplane::netfilter::{NetfilterLinks, NetfilterProgram};
-use crate::metrics::EndpointCounters;
 use crate::policy::PodInfo;
-use aya::maps::{MapData, PerCpuArray};
-use netsieve_common::{CONFIG_NETFILTER_ACTIVE, EndpointStats, REASON_COUNT, REASON_NAMES};
-use std::collections::{BTreeMap, BTreeSet};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use netsieve_common::{CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENT_COUNTER_COUNT, FlowKey, FlowState, REASON_COUNT, REASON_NAMES};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Where the netfilter links are pinned, beside the TC links.
 pub(super) const NETFILTER_LINK_DIR: &str = "netfilter-links";
 
-/// Sums the per-CPU drop counters: (reason, direction, packets).
+/// Sums the per-CPU drop (or audit) counters: (reason, direction, packets).
 pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str, &'static str, u64)> {
     let mut out = Vec::new();
     for reason in 0..REASON_COUNT {
@@ -30,13 +29,21 @@ pub fn read_drop_counters(map: &PerCpuArray<MapData, u64>) -> Vec<(&'static str,
     out
 }
 
-fn counters_of(stats: &EndpointStats) -> EndpointCounters {
-    EndpointCounters {
-        allowed_packets: stats.allowed_packets,
-        allowed_bytes: stats.allowed_bytes,
-        denied_packets: stats.denied_packets,
-        denied_bytes: stats.denied_bytes,
+/// Sums the per-CPU event counters, by `EVENTS_*` index.
+pub fn read_event_counters(map: &PerCpuArray<MapData, u64>) -> [u64; EVENT_COUNTER_COUNT as usize] {
+    let mut out = [0; EVENT_COUNTER_COUNT as usize];
+    for (index, total) in out.iter_mut().enumerate() {
+        *total = map.get(&(index as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
     }
+    out
+}
+
+fn take<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(MapsError::Missing(name))?;
+    T::try_from(map).map_err(|source| MapsError::Layout { name, source })
 }
 
 /// The kernel side: loaded programs, maps, attachments, interfaces.
@@ -44,17 +51,20 @@ pub(super) struct Dataplane {
     pub(super) ebpf: aya::Ebpf,
     pub(super) maps: KernelMaps,
     pub(super) drops: PerCpuArray<MapData, u64>,
+    /// Would-be drops passed by audit mode, by reason and direction.
+    pub(super) audits: PerCpuArray<MapData, u64>,
+    /// Events emitted and not emitted (`EVENTS_*`).
+    pub(super) event_counters: PerCpuArray<MapData, u64>,
+    /// The verdict event ring, until the reader task takes it.
+    pub(super) events: Option<RingBuf<MapData>>,
+    /// The conntrack table, read (never written) by live explanations off the loop.
+    pub(super) conntrack: Arc<HashMap<MapData, FlowKey, FlowState>>,
     /// The netfilter program judging pod egress after DNAT, if this kernel runs it.
     netfilter: Option<NetfilterProgram>,
     pub(super) netfilter_links: NetfilterLinks,
     pub(super) attachments: Attachments,
     pub(super) interfaces: InterfaceIndex,
     pub(super) pin_dir: PathBuf,
-    /// Endpoint ids seen at the last snapshot, with their pod: the kernel counts per endpoint
-    /// id, and an id is retired on every reprogramming, so its final counts are carried over
-    /// to the pod to keep the exported counters monotonic.
-    counted_ids: BTreeMap<u32, String>,
-    retired: BTreeMap<String, EndpointCounters>,
 }
 
 impl Dataplane {
@@ -74,22 +84,27 @@ impl Dataplane {
                 map.pin(&path).map_err(|source| AgentError::Pin { name, source })?;
             }
         }
-        let maps = KernelMaps::take_from(&mut ebpf)?;
-        let drops = ebpf
-            .take_map("DROP_COUNTERS")
-            .ok_or(MapsError::Missing("DROP_COUNTERS"))
-            .and_then(|m| PerCpuArray::try_from(m).map_err(|source| MapsError::Layout { name: "DROP_COUNTERS", source }))?;
+        let mut maps = KernelMaps::take_from(&mut ebpf)?;
+        // Counters zeroed for reuse are read first, so the agent carries them over.
+        maps.keep_counter_residue();
+        let drops = take(&mut ebpf, "DROP_COUNTERS")?;
+        let audits = take(&mut ebpf, "AUDIT_COUNTERS")?;
+        let event_counters = take(&mut ebpf, "EVENT_COUNTERS")?;
+        let events = take(&mut ebpf, "EVENTS")?;
+        let conntrack = Arc::new(take(&mut ebpf, "CONNTRACK")?);
         Ok(Dataplane {
             ebpf,
             maps,
             drops,
+            audits,
+            event_counters,
+            events: Some(events),
+            conntrack,
             netfilter: loaded.netfilter.ok(),
             netfilter_links: NetfilterLinks::persistent(&pin_dir.join(NETFILTER_LINK_DIR)),
             attachments: Attachments::persistent(&pin_dir.join("links")),
             interfaces: InterfaceIndex::default(),
             pin_dir,
-            counted_ids: BTreeMap::new(),
-            retired: BTreeMap::new(),
         })
     }
 
@@ -116,33 +131,20 @@ impl Dataplane {
         }
     }
 
-    pub(super) fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {
-        move |pod: &PodInfo| interfaces.interface_for(&pod.ips).map(|i| i.ifindex)
+    /// Writes the event settings (`--events-per-second`, `--events-burst`, `--events-allowed`),
+    /// keeping the other flags.
+    pub(super) fn set_event_settings(&mut self, per_second: u32, burst: u32, allowed_flows: bool) -> Result<(), MapsError> {
+        let config = self.maps.config();
+        let flags = if allowed_flows { config.flags | CONFIG_EVENTS_ALLOWED } else { config.flags & !CONFIG_EVENTS_ALLOWED };
+        self.maps.set_settings(flags, per_second, burst)
     }
 
-    /// Per-pod counters: live endpoint ids plus the carried-over counts of retired ones.
-    pub(super) fn endpoint_counters(&mut self, live: &BTreeMap<u32, String>) -> BTreeMap<String, EndpointCounters> {
-        for (id, pod) in &self.counted_ids {
-            if live.contains_key(id) {
-                continue;
-            }
-            if let Ok(stats) = self.maps.endpoint_stats(*id) {
-                self.retired.entry(pod.clone()).or_default().add(&counters_of(&stats));
-            }
-        }
-        let pods: BTreeSet<&String> = live.values().collect();
-        self.retired.retain(|pod, _| pods.contains(pod));
-        let mut out: BTreeMap<String, EndpointCounters> = BTreeMap::new();
-        for (id, pod) in live {
-            let entry = out.entry(pod.clone()).or_default();
-            if let Some(retired) = self.retired.get(pod) {
-                *entry = *retired;
-            }
-            if let Ok(stats) = self.maps.endpoint_stats(*id) {
-                entry.add(&counters_of(&stats));
-            }
-        }
-        self.counted_ids = live.clone();
-        out
+    /// Whether the TC programs defer Service egress to the attached netfilter program.
+    pub(super) fn netfilter_active(&self) -> bool {
+        self.maps.config().flags & CONFIG_NETFILTER_ACTIVE != 0
+    }
+
+    pub(super) fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {
+        move |pod: &PodInfo| interfaces.interface_for(&pod.ips).map(|i| i.ifindex)
     }
 }

@@ -41,6 +41,8 @@ pub enum AgentError {
     Socket { path: PathBuf, source: std::io::Error },
     #[error("CNI plugin installation: {0}")]
     CniInstall(#[from] InstallError),
+    #[error("polling the verdict event ring buffer: {0}")]
+    EventRing(std::io::Error),
 }
 
 impl AgentError {
@@ -61,6 +63,7 @@ impl AgentError {
             AgentError::Discovery(_) => "discovery",
             AgentError::Socket { .. } => "socket",
             AgentError::CniInstall(_) => "cni_install",
+            AgentError::EventRing(_) => "event_ring",
         }
     }
 }

@@ -25,9 +25,9 @@ pub(super) async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> Re
             get(move || {
                 let metrics = metrics.clone();
                 async move {
-                    match metrics.readiness() {
-                        (true, _) => (StatusCode::OK, "ready\n".to_string()),
-                        (false, reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+                    match metrics.readiness_text() {
+                        (true, text) => (StatusCode::OK, text),
+                        (false, text) => (StatusCode::SERVICE_UNAVAILABLE, text),
                     }
                 }
             }),

@@ -20,13 +20,17 @@
 //! - `discovery`: the interface discovery thread (rtnetlink notifications); `http`: the
 //!   metrics and health server; `socket`: the node API server; `cni`: what the CNI plugin's
 //!   requests do to the agent.
+//! - `events`: the verdict event ring reader; `observe`: events with names, `status`, live
+//!   `explain`, counters carried over reprogrammings.
 mod agent;
 mod args;
 mod cni;
 mod dataplane;
 mod discovery;
 mod error;
+mod events;
 mod http;
+mod observe;
 mod socket;
 
 pub use args::{AgentArgs, CleanupArgs, OnExit};
@@ -37,6 +41,7 @@ use crate::dataplane::bpffs;
 use crate::dir_watch::POLL_INTERVAL;
 use crate::kube_source::{self, Received};
 use crate::metrics::Metrics;
+use crate::observe::hub::EventHub;
 use agent::Agent;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,7 +84,16 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         metrics.set_ready(false, "starting");
         http::serve_metrics(args.metrics_addr, metrics.clone()).await?;
         let counters_every = Duration::from_secs(args.counters_interval);
-        let mut agent = Agent::start(args.clone(), metrics.clone())?;
+        let hub = Arc::new(EventHub::default());
+        let reader_counters = Arc::new(events::ReaderCounters::default());
+        let mut agent = Agent::start(args.clone(), metrics.clone(), hub.clone(), reader_counters.clone())?;
+        // Verdict events: a task of its own drains the ring; the loop names them, only while
+        // someone subscribes.
+        let (raw_events_tx, mut raw_events) = mpsc::channel(events::QUEUE_BATCHES);
+        let reader = match agent.dataplane.events.take() {
+            Some(ring) => Some(events::spawn_reader(ring, hub.clone(), raw_events_tx, reader_counters)?),
+            None => None,
+        };
         // Interfaces: one dump now, then rtnetlink notifications followed on a thread of their
         // own, so the agent loop never waits on the kernel tables while events queue up.
         let (interfaces, mut links) = discovery::spawn_discovery(metrics.clone())?;
@@ -88,7 +102,8 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         // bad input itself. A client waits at most the ADD's wait for a Pod object plus slack.
         let (requests_tx, mut node_requests) = mpsc::channel::<socket::NodeRequest>(socket::QUEUE_DEPTH);
         let answer_timeout = Duration::from_millis(args.cni_pod_wait_ms) + Duration::from_secs(10);
-        let socket_file = socket::serve(&args.socket, args.node.clone(), requests_tx, answer_timeout)?;
+        let subscriptions = socket::Subscriptions { hub: hub.clone(), settings: agent.event_settings() };
+        let socket_file = socket::serve(&args.socket, args.node.clone(), requests_tx, answer_timeout, subscriptions)?;
         let (events_tx, mut events) = mpsc::unbounded_channel::<Received>();
         let mut watchers = Vec::new();
         match &args.manifests {
@@ -125,6 +140,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
                     agent.apply_events(batch);
                 }
                 Some(interfaces) = links.recv() => agent.apply_interfaces(interfaces),
+                Some(batch) = raw_events.recv() => agent.publish_events(batch),
                 Some((request, reply)) = node_requests.recv() => agent.handle_node_request(request, reply),
                 _ = ticker.tick() => {
                     if let Some(dir) = args.manifests.clone() {
@@ -145,6 +161,9 @@ pub fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         for watcher in watchers {
             watcher.abort();
+        }
+        if let Some(reader) = reader {
+            reader.abort();
         }
         agent.log_counters();
         agent.shutdown();

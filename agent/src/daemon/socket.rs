@@ -5,8 +5,16 @@
 //! loop, through a bounded queue. A connection lives at most [`CONNECTION_LIFETIME`]; at most
 //! [`MAX_CONNECTIONS`] are served at once (others get an `unavailable` error). The socket is
 //! root-only: its directory is created 0700 and the socket set 0600.
+//!
+//! A `subscribe` request turns its connection into an event stream: it leaves the connection
+//! limits above for [`MAX_SUBSCRIBERS`] streams of unlimited lifetime, each fed from a bounded
+//! queue the agent never waits on (see [`crate::observe::hub`]). A stream ends when the
+//! client closes it or stops reading for [`STREAM_WRITE_TIMEOUT`], or when the agent stops.
 use super::error::AgentError;
+use crate::node_api::observe::{EventFilter, EventSettings};
 use crate::node_api::{self, ErrorCode, MAX_REQUEST_BYTES, Request, Response};
+use crate::observe::hub::{EventHub, MAX_SUBSCRIBERS};
+use std::sync::atomic::Ordering;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +33,17 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 32;
 /// Requests queued for the agent's loop at once.
 pub const QUEUE_DEPTH: usize = 64;
+/// How long an event stream may wait for its client to take a line before it is closed.
+pub const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a stream tells its client about events it lost while nothing else is sent.
+pub const LOST_NOTICE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What event streams need: the subscribers' hub and the settings a stream announces.
+#[derive(Clone)]
+pub(super) struct Subscriptions {
+    pub hub: Arc<EventHub>,
+    pub settings: EventSettings,
+}
 
 /// Creates the socket's directory (0700) and removes a stale socket; refuses a socket another
 /// agent still answers on.
@@ -73,6 +92,7 @@ pub(super) fn serve(
     node: String,
     to_agent: mpsc::Sender<NodeRequest>,
     answer_timeout: Duration,
+    subscriptions: Subscriptions,
 ) -> Result<SocketFile, AgentError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     prepare(path)?;
@@ -98,11 +118,16 @@ pub(super) fn serve(
                 tokio::spawn(refuse(stream));
                 continue;
             };
-            let (node, to_agent) = (node.clone(), to_agent.clone());
+            let (node, to_agent, subscriptions) = (node.clone(), to_agent.clone(), subscriptions.clone());
             tokio::spawn(async move {
-                let _slot = slot;
-                if tokio::time::timeout(CONNECTION_LIFETIME, connection(stream, node, to_agent, answer_timeout)).await.is_err() {
-                    tracing::debug!("node API connection closed at its lifetime limit");
+                match tokio::time::timeout(CONNECTION_LIFETIME, connection(stream, node.clone(), to_agent, answer_timeout)).await {
+                    Err(_) => tracing::debug!("node API connection closed at its lifetime limit"),
+                    Ok(Some(stream)) => {
+                        // A stream leaves the request connections' slots and lifetime.
+                        drop(slot);
+                        stream_events(stream, node, subscriptions).await;
+                    }
+                    Ok(None) => {}
                 }
             });
         }
@@ -156,7 +181,20 @@ async fn read_line(reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>) -> s
     Ok(Line::Complete(line))
 }
 
-async fn connection(stream: UnixStream, node: String, to_agent: mpsc::Sender<NodeRequest>, answer_timeout: Duration) {
+/// A connection that asked for an event stream.
+struct StreamRequest {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    filter: EventFilter,
+}
+
+/// Serves request lines until the client closes, a limit is hit, or it subscribes (returned).
+async fn connection(
+    stream: UnixStream,
+    node: String,
+    to_agent: mpsc::Sender<NodeRequest>,
+    answer_timeout: Duration,
+) -> Option<StreamRequest> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -165,13 +203,13 @@ async fn connection(stream: UnixStream, node: String, to_agent: mpsc::Sender<Nod
             Ok(Ok(Line::TooLarge)) => {
                 let message = format!("request longer than {MAX_REQUEST_BYTES} bytes");
                 let _ = write.write_all(&node_api::encode_response(Response::error(ErrorCode::TooLarge, message))).await;
-                return;
+                return None;
             }
-            Ok(Ok(Line::Closed)) | Ok(Err(_)) => return,
+            Ok(Ok(Line::Closed)) | Ok(Err(_)) => return None,
             Err(_) => {
                 let message = format!("no complete request within {REQUEST_READ_TIMEOUT:?}");
                 let _ = write.write_all(&node_api::encode_response(Response::error(ErrorCode::Malformed, message))).await;
-                return;
+                return None;
             }
         };
         let response = match node_api::decode_request(&line) {
@@ -180,13 +218,70 @@ async fn connection(stream: UnixStream, node: String, to_agent: mpsc::Sender<Nod
                 Response::Error { code: rejection.code, message: rejection.message }
             }
             Ok(Request::Ping) => Response::Pong { agent_version: env!("CARGO_PKG_VERSION").to_string(), node: node.clone() },
+            Ok(Request::Subscribe(subscription)) => return Some(StreamRequest { reader, write, filter: subscription.filter }),
             Ok(request) => ask_agent(&to_agent, request, answer_timeout).await,
         };
         let written = tokio::time::timeout(REQUEST_READ_TIMEOUT, write.write_all(&node_api::encode_response(response))).await;
         if !matches!(written, Ok(Ok(()))) {
-            return;
+            return None;
         }
     }
+}
+
+/// Writes one line to a stream's client, at most [`STREAM_WRITE_TIMEOUT`]; false when the
+/// client is gone or does not read.
+async fn write_line(write: &mut tokio::net::unix::OwnedWriteHalf, line: &[u8]) -> bool {
+    matches!(tokio::time::timeout(STREAM_WRITE_TIMEOUT, write.write_all(line)).await, Ok(Ok(())))
+}
+
+/// An event stream: `subscribed`, then every event of the subscription's queue, and `lost`
+/// when the queue overflowed, until the client goes.
+async fn stream_events(request: StreamRequest, node: String, subscriptions: Subscriptions) {
+    let StreamRequest { mut reader, mut write, filter } = request;
+    let mut subscription = match subscriptions.hub.subscribe(filter) {
+        Ok(subscription) => subscription,
+        Err(_) => {
+            let message = format!("{MAX_SUBSCRIBERS} event streams are open already; retry later");
+            let _ = write_line(&mut write, &node_api::encode_response(Response::error(ErrorCode::Unavailable, message))).await;
+            return;
+        }
+    };
+    tracing::info!(subscribers = subscriptions.hub.subscribers(), "event stream opened");
+    let subscribed = Response::Subscribed { node, settings: subscriptions.settings.clone() };
+    if !write_line(&mut write, &node_api::encode_response(subscribed)).await {
+        return;
+    }
+    let mut notices = tokio::time::interval(LOST_NOTICE_INTERVAL);
+    let mut ignored = [0u8; 512];
+    loop {
+        let line = tokio::select! {
+            line = subscription.events.recv() => match line {
+                Some(line) => line,
+                None => break,
+            },
+            // The client sends nothing more; reading tells when it has gone.
+            read = reader.read(&mut ignored) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            },
+            _ = notices.tick() => {
+                let lost = subscription.lost.swap(0, Ordering::Relaxed);
+                if lost > 0 && !write_line(&mut write, &node_api::encode_response(Response::Lost { events: lost })).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let lost = subscription.lost.swap(0, Ordering::Relaxed);
+        if lost > 0 && !write_line(&mut write, &node_api::encode_response(Response::Lost { events: lost })).await {
+            break;
+        }
+        if !write_line(&mut write, &line).await {
+            break;
+        }
+    }
+    drop(subscription);
+    tracing::info!(subscribers = subscriptions.hub.subscribers(), "event stream closed");
 }
 
 async fn ask_agent(to_agent: &mpsc::Sender<NodeRequest>, request: Request, answer_timeout: Duration) -> Response {

@@ -36,6 +36,17 @@ pub struct KernelMaps {
     /// What `CONFIG` holds: written whole, so the synchronizer (generation) and the agent
     /// (flags, event rates) never overwrite each other's fields.
     config: Config,
+    /// When set, what counters held just before `reset_counters` zeroed them for reuse.
+    residue: Option<CounterResidue>,
+}
+
+/// Counts read from endpoint slots and rule counters just before they were zeroed for reuse:
+/// the final counts of a programming the synchronizer retired and reused within one sync,
+/// which the agent carries over (`observe::ledger`). Only nonzero counts are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterResidue {
+    pub slots: std::collections::BTreeMap<u32, EndpointStats>,
+    pub rules: std::collections::BTreeMap<u32, RuleStats>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapsError>
@@ -61,7 +72,22 @@ impl KernelMaps {
             endpoint_stats: take(ebpf, "ENDPOINT_STATS")?,
             rule_stats: take(ebpf, "RULE_STATS")?,
             config: Config::default(),
+            residue: None,
         })
+    }
+
+    /// From now on, keep what counters held before they are zeroed for reuse, until
+    /// [`KernelMaps::take_counter_residue`] takes it (the agent does after every sync).
+    pub fn keep_counter_residue(&mut self) {
+        self.residue.get_or_insert_with(CounterResidue::default);
+    }
+
+    /// What was kept since the last call (empty unless [`KernelMaps::keep_counter_residue`]).
+    pub fn take_counter_residue(&mut self) -> CounterResidue {
+        match &mut self.residue {
+            Some(residue) => std::mem::take(residue),
+            None => CounterResidue::default(),
+        }
     }
 
     pub fn config(&self) -> Config {
@@ -191,6 +217,22 @@ impl PolicyMaps for KernelMaps {
         ignore_missing(self.port_range.remove(&range_key(slot, dir, protocol, prefix)))
     }
     fn reset_counters(&mut self, slot: u32, rules: &[std::ops::Range<u32>]) -> Result<(), MapError> {
+        if self.residue.is_some() {
+            // A counter that cannot be read is zeroed all the same: its counts are lost to the
+            // carried totals, which only undercount.
+            let slot_stats = self.endpoint_stats(slot).ok().filter(|s| *s != EndpointStats::default());
+            let rule_stats: Vec<(u32, RuleStats)> = rules
+                .iter()
+                .flat_map(|r| r.clone())
+                .filter_map(|index| self.rule_stats(index).ok().filter(|s| *s != RuleStats::default()).map(|s| (index, s)))
+                .collect();
+            if let Some(residue) = &mut self.residue {
+                if let Some(stats) = slot_stats {
+                    residue.slots.insert(slot, stats);
+                }
+                residue.rules.extend(rule_stats);
+            }
+        }
         self.endpoint_stats.set(slot, zeroed::<EndpointStats>()?, 0)?;
         for range in rules {
             for index in range.clone() {

@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod bpffs;
 pub mod compile;
+pub mod conntrack;
 pub mod discovery;
 pub mod kernel;
 pub mod lpm;

@@ -302,6 +302,8 @@ pub fn replace_state(state: &mut ClusterState, target: ClusterState) -> Vec<Clus
         state.node_ips = target.node_ips;
         changes.push(ClusterChange::Nodes);
     }
+    // Not a change the compiler applies: the controller compares audit modes after it.
+    state.audit_namespaces = target.audit_namespaces;
     changes
 }
 

@@ -51,7 +51,7 @@
 //! left out of the exposition, as the Go client does.
 mod dataplane;
 
-pub use dataplane::{DataplaneSnapshot, EndpointCounters};
+pub use dataplane::{AuditSnapshot, DataplaneSnapshot, EndpointCounters, EventPathSnapshot, RuleSeries};
 
 use dataplane::DataplaneCollector;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -100,6 +100,8 @@ pub struct Metrics {
     ready: Gauge,
     /// Why the agent is not ready yet, for /readyz. Its lock also orders updates of `ready`.
     not_ready_reason: Mutex<String>,
+    /// What /readyz adds in parentheses (audit mode, so nobody mistakes it for enforcement).
+    readiness_detail: Mutex<Option<String>>,
     dataplane: DataplaneCollector,
 }
 
@@ -155,6 +157,7 @@ impl Default for Metrics {
             invalid_objects,
             ready,
             not_ready_reason: Mutex::new(String::new()),
+            readiness_detail: Mutex::new(None),
             dataplane,
         }
     }
@@ -207,6 +210,22 @@ impl Metrics {
     pub fn readiness(&self) -> (bool, String) {
         let not_ready_reason = self.not_ready_reason.lock().unwrap_or_else(|e| e.into_inner());
         (self.ready.get() == 1, not_ready_reason.clone())
+    }
+
+    /// What /readyz says beside readiness (e.g. `audit mode: namespaces a, b`).
+    pub fn set_readiness_detail(&self, detail: Option<String>) {
+        *self.readiness_detail.lock().unwrap_or_else(|e| e.into_inner()) = detail;
+    }
+
+    /// The body of /readyz: `ready`, `not ready: REASON`, with the detail in parentheses.
+    pub fn readiness_text(&self) -> (bool, String) {
+        let (ready, reason) = self.readiness();
+        let detail = self.readiness_detail.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let head = if ready { "ready".to_string() } else { format!("not ready: {reason}") };
+        match detail {
+            Some(detail) => (ready, format!("{head} ({detail})\n")),
+            None => (ready, format!("{head}\n")),
+        }
     }
 
     /// The exposition text, in the format [`CONTENT_TYPE`] names.

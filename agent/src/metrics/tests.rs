@@ -21,6 +21,18 @@ const FAMILIES: &[(&str, &str)] = &[
     ("netsieve_api_events_total", "counter"),
     ("netsieve_invalid_objects_total", "counter"),
     ("netsieve_ready", "gauge"),
+    ("netsieve_audit_total", "counter"),
+    ("netsieve_audit_mode", "gauge"),
+    ("netsieve_audit_endpoints", "gauge"),
+    ("netsieve_audit_namespace", "gauge"),
+    ("netsieve_rule_packets_total", "counter"),
+    ("netsieve_rule_bytes_total", "counter"),
+    ("netsieve_rules_unmatched", "gauge"),
+    ("netsieve_events_emitted_total", "counter"),
+    ("netsieve_events_not_emitted_total", "counter"),
+    ("netsieve_events_read_total", "counter"),
+    ("netsieve_events_dropped_total", "counter"),
+    ("netsieve_event_subscribers", "gauge"),
 ];
 
 #[derive(Debug)]
@@ -167,9 +179,26 @@ fn snapshot(denied: u64, allowed: u64) -> DataplaneSnapshot {
         allowed_bytes: [allowed * 100, 100],
         denied_packets: [denied, 0],
         denied_bytes: [denied * 60, 0],
+        audit_packets: [2, 0],
+        audit_bytes: [120, 0],
     };
     s.endpoints.insert("default/nginx-1".into(), counters);
     s.maps.insert("IPCACHE", (6, 65536));
+    s.audits = vec![("policy_denied", "ingress", 2)];
+    s.rules = vec![
+        RuleSeries { namespace: "default".into(), policy: "access-nginx".into(), direction: "ingress", rule: "0".into(), packets: allowed, bytes: allowed * 100 },
+        RuleSeries { namespace: "default".into(), policy: "access-nginx".into(), direction: "ingress", rule: "1".into(), packets: 0, bytes: 0 },
+    ];
+    s.events = EventPathSnapshot {
+        emitted: denied,
+        rate_limited: 4,
+        ring_full: 0,
+        read: denied,
+        dropped_agent_busy: 0,
+        dropped_slow_subscribers: 1,
+        subscribers: 1,
+    };
+    s.audit = AuditSnapshot { active: true, namespaces: vec!["staging".into()], endpoints: 1 };
     s
 }
 
@@ -209,6 +238,22 @@ fn series_keep_their_names_label_order_and_values() {
         "netsieve_invalid_objects_total{kind=\"Pod\",reason=\"without_ip\"} 1",
         "netsieve_policy_programming_duration_seconds_count 2",
         "netsieve_ready 1",
+        "netsieve_endpoint_packets_total{namespace=\"default\",pod=\"nginx-1\",direction=\"ingress\",verdict=\"audit\"} 2",
+        "netsieve_audit_total{direction=\"ingress\",reason=\"policy_denied\"} 2",
+        "netsieve_audit_mode 1",
+        "netsieve_audit_endpoints 1",
+        "netsieve_audit_namespace{namespace=\"staging\"} 1",
+        "netsieve_rule_packets_total{namespace=\"default\",policy=\"access-nginx\",direction=\"ingress\",rule=\"0\"} 10",
+        "netsieve_rule_packets_total{namespace=\"default\",policy=\"access-nginx\",direction=\"ingress\",rule=\"1\"} 0",
+        "netsieve_rule_bytes_total{namespace=\"default\",policy=\"access-nginx\",direction=\"ingress\",rule=\"0\"} 1000",
+        "netsieve_rules_unmatched 1",
+        "netsieve_events_emitted_total 7",
+        "netsieve_events_not_emitted_total{reason=\"rate_limited\"} 4",
+        "netsieve_events_not_emitted_total{reason=\"ring_full\"} 0",
+        "netsieve_events_read_total 7",
+        "netsieve_events_dropped_total{reason=\"slow_subscriber\"} 1",
+        "netsieve_events_dropped_total{reason=\"agent_busy\"} 0",
+        "netsieve_event_subscribers 1",
     ] {
         assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
     }
@@ -216,9 +261,9 @@ fn series_keep_their_names_label_order_and_values() {
     // names counter families without `_total`).
     assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
     assert!(!text.contains("# EOF"), "{text}");
-    // One endpoint: 2 directions x 2 verdicts per family.
+    // One endpoint: 2 directions x 3 verdicts (allowed, denied, audit) per family.
     let exposition = parse(&text);
-    assert_eq!(exposition.samples.iter().filter(|s| s.name == "netsieve_endpoint_packets_total").count(), 4);
+    assert_eq!(exposition.samples.iter().filter(|s| s.name == "netsieve_endpoint_packets_total").count(), 6);
 }
 
 #[test]
@@ -328,5 +373,11 @@ fn readiness_follows_set_ready() {
     m.set_ready(true, "");
     assert_eq!(m.readiness(), (true, String::new()));
     assert_eq!(parse(&m.render()).value("netsieve_ready", &[]), Some(1.0));
+    assert_eq!(m.readiness_text(), (true, "ready\n".to_string()));
+    // Audit mode is said beside readiness, so nobody mistakes it for enforcement.
+    m.set_readiness_detail(Some("audit mode: namespaces a, b".into()));
+    assert_eq!(m.readiness_text(), (true, "ready (audit mode: namespaces a, b)\n".to_string()));
+    m.set_ready(false, "initial sync not done");
+    assert_eq!(m.readiness_text(), (false, "not ready: initial sync not done (audit mode: namespaces a, b)\n".to_string()));
 }
 

@@ -23,7 +23,7 @@ use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -44,7 +44,7 @@ pub enum PolicyError {
 }
 
 /// Transport protocols a flow can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
@@ -509,6 +509,18 @@ pub struct ClusterState {
     pods_by_ip: BTreeMap<IpAddr, BTreeSet<String>>,
     /// Node addresses learnt from pods' hostIPs, with the number of pods reporting each.
     host_ips: BTreeMap<String, BTreeMap<IpAddr, usize>>,
+    /// Namespaces annotated [`AUDIT_ANNOTATION`]` = "true"`: the agent runs their pods in audit
+    /// mode. Not part of the semantics (a policy's verdict is the same); kept here so both
+    /// sources carry it with the namespaces.
+    pub audit_namespaces: BTreeSet<String>,
+}
+
+/// The Namespace annotation that puts the namespace's pods in audit mode when `"true"`.
+pub const AUDIT_ANNOTATION: &str = "netsieve.io/audit";
+
+/// Whether a Namespace object asks for audit mode.
+pub fn namespace_audited(ns: &Namespace) -> bool {
+    ns.metadata.annotations.as_ref().and_then(|a| a.get(AUDIT_ANNOTATION)).is_some_and(|v| v == "true")
 }
 
 /// Decodes a Kubernetes object into its typed form, listing the paths of fields the type does
@@ -532,8 +544,11 @@ pub fn namespace_labels(ns: &Namespace) -> Option<(String, Labels)> {
 impl ClusterState {
     pub fn new(namespaces: &[Namespace], pods: &[Pod], policies: &[NetworkPolicy], nodes: &[Node]) -> ClusterState {
         let mut state = ClusterState::default();
-        for (name, labels) in namespaces.iter().filter_map(namespace_labels) {
-            state.namespaces.insert(name, labels);
+        for ns in namespaces {
+            if let Some((name, labels)) = namespace_labels(ns) {
+                state.set_namespace_audit(&name, namespace_audited(ns));
+                state.namespaces.insert(name, labels);
+            }
         }
         for pod in pods {
             state.upsert_pod(PodInfo::from_object(pod));
@@ -623,7 +638,13 @@ impl ClusterState {
     }
 
     pub fn remove_namespace(&mut self, name: &str) -> Option<Labels> {
+        self.audit_namespaces.remove(name);
         self.namespaces.remove(name)
+    }
+
+    /// Records whether a namespace is annotated for audit mode; true if that changed.
+    pub fn set_namespace_audit(&mut self, name: &str, audited: bool) -> bool {
+        if audited { self.audit_namespaces.insert(name.to_string()) } else { self.audit_namespaces.remove(name) }
     }
 
     /// The addresses of a node: from its Node object and from the hostIPs its pods report.
@@ -729,14 +750,14 @@ impl ClusterState {
 }
 
 /// One side of a flow: an address, and the pod that owns it if any (`namespace/name`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEndpoint {
     pub ip: IpAddr,
     pub pod: Option<String>,
 }
 
 /// A connection attempt: `port` is the destination port (ignored for ICMP).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
     pub src: FlowEndpoint,
     pub dst: FlowEndpoint,
@@ -745,7 +766,7 @@ pub struct Flow {
 }
 
 /// Where in a policy a flow was admitted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleMatch {
     pub policy: String,
     pub rule_index: usize,
@@ -756,7 +777,7 @@ pub struct RuleMatch {
 }
 
 /// The verdict of one direction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectionVerdict {
     /// The pod this direction is about, if that side of the flow is a pod.
     pub pod: Option<String>,
@@ -770,7 +791,7 @@ pub struct DirectionVerdict {
 }
 
 /// Kubernetes' stated exceptions that allow a flow whatever the policies say.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Exception {
     /// A pod can always reach itself.

@@ -50,4 +50,5 @@ pub fn check_matrix(cluster: &Cluster, dir: &Path, stage: &str) {
     }
 }
 
+pub mod observe;
 pub mod services;

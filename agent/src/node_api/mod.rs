@@ -38,6 +38,17 @@
 //! back to [`Response`], and its handling in the agent (`daemon/socket.rs` for requests the
 //! socket server answers itself, `daemon/agent.rs` for those that need the agent's state).
 //! Bump [`PROTOCOL_VERSION`] only for an incompatible change to existing messages.
+//!
+//! # Streams
+//!
+//! `subscribe` is the one request answered by more than one line: `subscribed`, then one
+//! `event` line per verdict event matching the filter, and a `lost` line whenever events for
+//! this connection had to be dropped because the client did not read fast enough (the agent
+//! never waits for a reader). The stream ends when either side closes the connection; the
+//! connection carries no further requests. The observability messages are in [`observe`].
+pub mod observe;
+
+use observe::{EventSettings, EventSubscription, ExplainQuery, FlowEvent, LiveExplanation, NodeStatus};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::IpAddr;
@@ -86,11 +97,18 @@ pub enum Request {
     /// CNI DEL: the sandbox goes away; forget what ADD registered. Succeeds when nothing is
     /// registered.
     CniDel(CniDetachment),
+    /// Stream verdict events (see the module documentation on streams).
+    Subscribe(EventSubscription),
+    /// The endpoints of this node and how they are programmed, counters, map pressure.
+    Status,
+    /// Judge a flow against the state the agent enforces; look it up in conntrack.
+    Explain(ExplainQuery),
 }
 
 impl Request {
     /// The `type` of every request this build knows.
-    pub const TYPES: &'static [&'static str] = &["ping", "cni_add", "cni_check", "cni_del"];
+    pub const TYPES: &'static [&'static str] =
+        &["ping", "cni_add", "cni_check", "cni_del", "subscribe", "status", "explain"];
 }
 
 /// A pod by namespace and name.
@@ -135,6 +153,14 @@ pub enum Response {
     CniAdded { enforcement: Enforcement },
     CniChecked { enforcement: Enforcement },
     CniDeleted { registered: bool },
+    /// The subscription is live; events follow.
+    Subscribed { node: String, settings: EventSettings },
+    Event(Box<FlowEvent>),
+    /// This many events matching the filter were dropped since the last line because the
+    /// client did not keep up.
+    Lost { events: u64 },
+    Status(Box<NodeStatus>),
+    Explained(Box<LiveExplanation>),
     Error { code: ErrorCode, message: String },
 }
 
@@ -202,27 +228,76 @@ pub enum ClientError {
 
 /// Sends one request and waits for its response, at most `timeout` for each step.
 pub fn call(socket: &Path, request: Request, timeout: Duration) -> Result<Response, ClientError> {
-    let mut stream =
+    call_with_limit(socket, request, timeout, MAX_RESPONSE_BYTES)
+}
+
+/// Largest `status` answer a client reads: a node's endpoints with their rules can exceed
+/// [`MAX_RESPONSE_BYTES`].
+pub const MAX_STATUS_BYTES: usize = 64 * 1024 * 1024;
+
+/// [`call`] reading an answer of at most `limit` bytes.
+pub fn call_with_limit(socket: &Path, request: Request, timeout: Duration, limit: usize) -> Result<Response, ClientError> {
+    let stream = connect(socket, timeout)?;
+    send(&stream, request)?;
+    let mut reader = BufReader::new(stream);
+    read_response(&mut reader, limit)?.ok_or(ClientError::NoAnswer)
+}
+
+fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let stream =
         UnixStream::connect(socket).map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+fn send(mut stream: &UnixStream, request: Request) -> Result<(), ClientError> {
     let mut line = serde_json::to_vec(&RequestEnvelope { version: PROTOCOL_VERSION, request })?;
     line.push(b'\n');
     stream.write_all(&line)?;
-    let mut reader = BufReader::new(stream.take(MAX_RESPONSE_BYTES as u64));
+    Ok(())
+}
+
+/// Reads one response line of at most `limit` bytes; `None` when the agent closed the
+/// connection between lines.
+fn read_response<R: BufRead>(reader: &mut R, limit: usize) -> Result<Option<Response>, ClientError> {
     let mut answer = Vec::new();
-    reader.read_until(b'\n', &mut answer)?;
+    reader.take(limit as u64).read_until(b'\n', &mut answer)?;
     if answer.is_empty() {
-        return Err(ClientError::NoAnswer);
+        return Ok(None);
     }
     if answer.last() != Some(&b'\n') {
-        return Err(if answer.len() >= MAX_RESPONSE_BYTES { ClientError::AnswerTooLarge } else { ClientError::NoAnswer });
+        return Err(if answer.len() >= limit { ClientError::AnswerTooLarge } else { ClientError::NoAnswer });
     }
     let envelope: ResponseEnvelope = serde_json::from_slice(&answer)?;
     if envelope.version != PROTOCOL_VERSION {
         return Err(ClientError::Version(envelope.version));
     }
-    Ok(envelope.response)
+    Ok(Some(envelope.response))
+}
+
+/// A `subscribe` stream: the agent's `subscribed` answer, then its lines one by one.
+pub struct EventStream {
+    reader: BufReader<UnixStream>,
+}
+
+impl EventStream {
+    /// Subscribes; returns the stream and the agent's answer (`subscribed`, or an error
+    /// response the caller reports). `timeout` bounds connecting and the first answer; event
+    /// lines are then awaited without a limit.
+    pub fn open(socket: &Path, subscription: EventSubscription, timeout: Duration) -> Result<(EventStream, Response), ClientError> {
+        let stream = connect(socket, timeout)?;
+        send(&stream, Request::Subscribe(subscription))?;
+        let mut reader = BufReader::new(stream);
+        let first = read_response(&mut reader, MAX_RESPONSE_BYTES)?.ok_or(ClientError::NoAnswer)?;
+        reader.get_ref().set_read_timeout(None)?;
+        Ok((EventStream { reader }, first))
+    }
+
+    /// The next line; `None` when the agent closed the stream (it stopped).
+    pub fn next_response(&mut self) -> Result<Option<Response>, ClientError> {
+        read_response(&mut self.reader, MAX_RESPONSE_BYTES)
+    }
 }
 
 /// Why a request line was refused before reaching the agent's state.
@@ -305,6 +380,19 @@ fn validate(request: &Request) -> Result<(), String> {
         Request::CniDel(d) => {
             pod(&d.pod)?;
             container(&d.container_id)
+        }
+        Request::Status => Ok(()),
+        Request::Subscribe(subscription) => subscription.filter.validate(),
+        Request::Explain(query) => {
+            for (what, value) in [("from", &query.from), ("to", &query.to)] {
+                if value.is_empty() || value.len() > 320 || value.chars().any(char::is_control) {
+                    return Err(format!("{what} must have 1 to 320 printable characters"));
+                }
+            }
+            if crate::policy::Protocol::parse(&query.protocol).is_none() {
+                return Err(format!("unknown protocol {:?} (TCP, UDP, SCTP or ICMP)", query.protocol.chars().take(16).collect::<String>()));
+            }
+            Ok(())
         }
     }
 }
