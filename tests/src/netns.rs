@@ -102,6 +102,9 @@ pub fn in_netns<T: Send + 'static>(
 pub enum Transport {
     Tcp,
     Udp,
+    /// Needs the kernel's SCTP stack for sockets ([`sctp_supported`]); netfilter's SCTP
+    /// conntrack and match work without it.
+    Sctp,
 }
 
 impl Transport {
@@ -110,6 +113,7 @@ impl Transport {
         match self {
             Transport::Tcp => "TCP",
             Transport::Udp => "UDP",
+            Transport::Sctp => "SCTP",
         }
     }
 
@@ -118,6 +122,7 @@ impl Transport {
         match self {
             Transport::Tcp => "tcp",
             Transport::Udp => "udp",
+            Transport::Sctp => "sctp",
         }
     }
 }
@@ -146,15 +151,50 @@ pub enum Server {
     UdpEcho,
     /// DNS over UDP or TCP ([`crate::dns`]): `CH TXT hostname.bind.` names the pod.
     Dns(Transport),
+    /// SCTP (a one-to-one style socket, which behaves like TCP's): answers every association
+    /// with `ok <pod name>\n`.
+    Sctp,
 }
 
 impl Server {
     pub fn transport(self) -> Transport {
         match self {
-            Server::Tcp | Server::Dns(Transport::Tcp) => Transport::Tcp,
-            Server::UdpEcho | Server::Dns(Transport::Udp) => Transport::Udp,
+            Server::Tcp => Transport::Tcp,
+            Server::UdpEcho => Transport::Udp,
+            Server::Sctp => Transport::Sctp,
+            Server::Dns(transport) => transport,
         }
     }
+}
+
+/// An SCTP socket of the family of `addr` (one-to-one style: `SOCK_STREAM`, `IPPROTO_SCTP`).
+fn sctp_socket(addr: &SocketAddr) -> std::io::Result<socket2::Socket> {
+    socket2::Socket::new(socket2::Domain::for_address(*addr), socket2::Type::STREAM, Some(socket2::Protocol::from(libc::IPPROTO_SCTP)))
+}
+
+/// Whether this kernel can open SCTP sockets; the error says why not. Kernels built without
+/// `CONFIG_IP_SCTP` (or without the `sctp` module loaded) answer `EPROTONOSUPPORT`. SCTP is
+/// not per network namespace, so asking from the test's own namespace is enough.
+pub fn sctp_supported() -> Result<(), String> {
+    match sctp_socket(&SocketAddr::from(([127, 0, 0, 1], 0))) {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let config = kernel_config_line("CONFIG_IP_SCTP").unwrap_or_else(|| "CONFIG_IP_SCTP: /proc/config.gz not readable".into());
+            Err(format!("socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {error}; {config}"))
+        }
+    }
+}
+
+/// The line of the running kernel's configuration (`/proc/config.gz`, read with `zcat`) that
+/// sets `option`, or says it is not set.
+fn kernel_config_line(option: &str) -> Option<String> {
+    let output = Command::new("zcat").arg("/proc/config.gz").stdin(Stdio::null()).output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let found = text.lines().find(|l| l.starts_with(&format!("{option}=")) || *l == format!("# {option} is not set"));
+    Some(found.map_or_else(|| format!("{option} absent from /proc/config.gz"), str::to_string))
 }
 
 /// A server's answer to [`Cluster::ask`].
@@ -505,6 +545,45 @@ impl Cluster {
         self.wait_ready(handle, ready_rx)
     }
 
+    /// An SCTP server in the pod that answers every association with `ok <pod name>\n`; fails
+    /// on a kernel without SCTP ([`sctp_supported`]).
+    pub fn serve_sctp(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| NetnsError::Command { command: format!("bind SCTP {addr}"), stderr: format!("{e}") })?;
+        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::Sctp));
+        let greeting = format!("ok {pod}\n");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = in_netns(&netns, move || {
+            let listener = match sctp_socket(&addr).and_then(|s| {
+                s.set_reuse_address(true)?;
+                s.bind(&addr.into())?;
+                s.listen(64)?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("SCTP {addr}: {e}")));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut association, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        let _ = association.set_nonblocking(false);
+                        let _ = association.write_all(greeting.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        })?;
+        self.wait_ready(handle, ready_rx)
+    }
+
     fn register(&mut self, pod: &str, port: u16, server: Server) -> Arc<AtomicU64> {
         let count = Arc::new(AtomicU64::new(0));
         self.served.insert((pod.to_string(), port, server.transport()), (server, count.clone()));
@@ -595,10 +674,21 @@ impl Cluster {
                     let pod = std::str::from_utf8(buf[..n].strip_prefix(b"ping ")?).ok()?.to_string();
                     (source == target).then_some(Answer { local, pod })
                 }
+                Server::Sctp => {
+                    let mut association = sctp_socket(&target).ok()?;
+                    association.connect_timeout(&target.into(), timeout).ok()?;
+                    let local = association.local_addr().ok()?.as_socket()?;
+                    association.set_read_timeout(Some(timeout)).ok()?;
+                    let mut text = String::new();
+                    association.read_to_string(&mut text).ok()?;
+                    let pod = text.strip_prefix("ok ")?.trim_end().to_string();
+                    Some(Answer { local, pod })
+                }
                 Server::Dns(transport) => {
                     let (local, answer) = match transport {
                         Transport::Udp => dns::query_udp(target, &DnsQuestion::ServerName, timeout).ok()?,
                         Transport::Tcp => dns::query_tcp(target, &DnsQuestion::ServerName, timeout).ok()?,
+                        Transport::Sctp => return None,
                     };
                     Some(Answer { local, pod: answer.texts.into_iter().next()? })
                 }
@@ -611,9 +701,12 @@ impl Cluster {
     /// ClusterIP) over `transport`.
     pub fn resolve(&self, from: &str, server: SocketAddr, transport: Transport, name: &str, timeout: Duration) -> Result<Vec<Ipv4Addr>, String> {
         let question = DnsQuestion::Address(name.to_string());
+        if transport == Transport::Sctp {
+            return Err("DNS over SCTP does not exist".into());
+        }
         let probe = in_netns(&self.pod(from).netns, move || match transport {
             Transport::Udp => dns::query_udp(server, &question, timeout),
-            Transport::Tcp => dns::query_tcp(server, &question, timeout),
+            Transport::Tcp | Transport::Sctp => dns::query_tcp(server, &question, timeout),
         })
         .map_err(|e| e.to_string())?;
         let (_, answer) = probe.join().map_err(|_| "resolver thread panicked".to_string())?.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;

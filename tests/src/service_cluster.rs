@@ -203,6 +203,7 @@ fn serve(cluster: &mut Cluster) -> Result<(), NetnsError> {
             match transport {
                 Transport::Tcp => cluster.serve_tcp(pod.name, *port)?,
                 Transport::Udp => cluster.serve_udp_echo(pod.name, *port)?,
+                Transport::Sctp => cluster.serve_sctp(pod.name, *port)?,
             }
         }
     }

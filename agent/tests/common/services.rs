@@ -59,6 +59,7 @@ fn protocol(transport: Transport) -> Protocol {
     match transport {
         Transport::Tcp => Protocol::Tcp,
         Transport::Udp => Protocol::Udp,
+        Transport::Sctp => Protocol::Sctp,
     }
 }
 

@@ -99,7 +99,7 @@ impl UpstreamTest {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Servers {
     pub ports: Vec<u16>,

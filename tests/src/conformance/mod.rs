@@ -11,6 +11,9 @@ pub mod check;
 pub mod format;
 pub mod model;
 pub mod reachability;
+pub mod runner;
+pub mod state;
+pub mod testbed;
 #[cfg(test)]
 mod tests;
 
@@ -28,6 +31,9 @@ pub enum ConformanceError {
     Placeholder { text: String, reason: String },
     #[error("policy {0}")]
     Policy(String),
+    /// A step the state contradicts (creating an existing policy, labelling a missing pod).
+    #[error("{0}")]
+    State(String),
 }
 
 /// `tests/conformance/` in this repository.

@@ -22,8 +22,8 @@ impl ConntrackEntry {
 }
 
 /// Parses `conntrack -L` lines such as
-/// `tcp 6 117 TIME_WAIT src=A dst=B sport=1 dport=2 src=B dst=A sport=2 dport=1 [ASSURED] mark=0 use=1`;
-/// other protocols and lines that do not parse are skipped.
+/// `tcp 6 117 TIME_WAIT src=A dst=B sport=1 dport=2 src=B dst=A sport=2 dport=1 [ASSURED] mark=0 use=1`
+/// (TCP, UDP and SCTP); other protocols and lines that do not parse are skipped.
 pub fn parse(listing: &str) -> Vec<ConntrackEntry> {
     listing.lines().filter_map(parse_line).collect()
 }
@@ -33,6 +33,7 @@ fn parse_line(line: &str) -> Option<ConntrackEntry> {
     let transport = match words.next()? {
         "tcp" => Transport::Tcp,
         "udp" => Transport::Udp,
+        "sctp" => Transport::Sctp,
         _ => return None,
     };
     let mut values: Vec<(&str, &str)> = Vec::new();
