@@ -279,7 +279,16 @@ pub struct FlowState {
     pub nat_port: u16,
     /// Deferred flows: the backend address kube-proxy chose.
     pub nat_addr: [u8; 16],
+    /// The endpoint slot the verdict was taken for: with `revision` and `REVISIONS[slot]`,
+    /// tells whether the verdict is current without looking the endpoint up.
+    pub slot: u32,
+    pub _pad: [u8; 4],
 }
+/// `REVISIONS[slot]`: the revision of the endpoint programmed in that slot, 0 when the slot
+/// is free (revisions are never 0). The conntrack fast path compares it with the entry's
+/// revision instead of looking the endpoint up by interface.
+pub const NO_REVISION: u32 = 0;
+
 /// How often an established flow's timestamp is rewritten.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -492,7 +501,7 @@ mod tests {
     fn layouts_are_packed_as_declared() {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 4 + 16 + 4);
         assert_eq!(core::mem::size_of::<FlowKey>(), 4 + 4 + 4 + 32);
-        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16);
+        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8);
         assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);
         assert_eq!(core::mem::size_of::<VerdictEvent>(), 8 + 4 * 5 + 2 * 3 + 6 + 48);
     }

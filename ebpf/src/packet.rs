@@ -127,8 +127,9 @@ fn parse_ipv4<B: PacketBytes>(bytes: &B, packet: &mut Packet) -> Result<usize, M
     packet.later_fragment = offset != 0;
     packet.fragment_id = be16(bytes, 4)? as u32;
     packet.protocol = bytes.load::<u8>(9)?;
-    let src: [u8; 4] = bytes.load(12)?;
-    let dst: [u8; 4] = bytes.load(16)?;
+    // Word loads (not byte arrays, which compile to one load per byte).
+    let src = bytes.load::<u32>(12)?.to_ne_bytes();
+    let dst = bytes.load::<u32>(16)?.to_ne_bytes();
     // IPv4-mapped IPv6, the key form of every address map.
     packet.src[10] = 0xff;
     packet.src[11] = 0xff;
@@ -146,8 +147,8 @@ fn parse_ipv6<B: PacketBytes>(bytes: &B, packet: &mut Packet) -> Result<usize, M
     if 40 + payload_len > bytes.l3_len() {
         return Err(Malformed);
     }
-    packet.src = bytes.load(8)?;
-    packet.dst = bytes.load(24)?;
+    packet.src = load_address16(bytes, 8)?;
+    packet.dst = load_address16(bytes, 24)?;
     let mut next = bytes.load::<u8>(6)?;
     let mut offset = 40usize;
     for _ in 0..MAX_IPV6_EXTENSIONS {
@@ -182,6 +183,17 @@ fn parse_ipv6<B: PacketBytes>(bytes: &B, packet: &mut Packet) -> Result<usize, M
         }
     }
     Err(Malformed)
+}
+
+/// A 16-byte address, as two word loads.
+#[inline(always)]
+fn load_address16<B: PacketBytes>(bytes: &B, offset: usize) -> Result<[u8; 16], Malformed> {
+    let high = bytes.load::<u64>(offset)?.to_ne_bytes();
+    let low = bytes.load::<u64>(offset + 8)?.to_ne_bytes();
+    let mut address = [0u8; 16];
+    address[..8].copy_from_slice(&high);
+    address[8..].copy_from_slice(&low);
+    Ok(address)
 }
 
 /// Reads ports (TCP flags); returns true for packets that pass without a verdict (neighbour
@@ -252,7 +264,11 @@ impl<'a> TcFrame<'a> {
         // the very end of the linear area takes the helper path below, which is exact.
         if start + core::mem::size_of::<T>().max(2) <= self.data_end {
             // SAFETY: bounds checked against data_end just above (the verifier checks it too).
-            return Ok(unsafe { (start as *const T).read_unaligned() });
+            // A plain (not byte-wise) load even where the header is not aligned: BPF has no
+            // alignment faults, and the verifier allows misaligned packet access unless
+            // BPF_F_STRICT_ALIGNMENT is set or the architecture lacks efficient unaligned access
+            // (then the load is refused at load time, never wrong at run time).
+            return Ok(unsafe { core::ptr::read(start as *const T) });
         }
         self.ctx.load::<T>(offset).map_err(|_| Malformed)
     }

@@ -26,6 +26,7 @@ pub struct KernelMaps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     pub pod_addresses: HashMap<MapData, IpcacheKey, u32>,
+    pub revisions: Array<MapData, u32>,
     pub identity: HashMap<MapData, PolicyIdentityKey, RuleMask>,
     pub cidr: LpmTrie<MapData, PolicyCidrKeyData, RuleMask>,
     pub port: HashMap<MapData, PolicyPortKey, RuleMask>,
@@ -53,6 +54,7 @@ impl KernelMaps {
             endpoints: take(ebpf, "ENDPOINTS")?,
             ipcache: take(ebpf, "IPCACHE")?,
             pod_addresses: take(ebpf, "POD_ADDRESSES")?,
+            revisions: take(ebpf, "REVISIONS")?,
             identity: take(ebpf, "POLICY_IDENTITY")?,
             cidr: take(ebpf, "POLICY_CIDR")?,
             port: take(ebpf, "POLICY_PORT")?,
@@ -159,6 +161,9 @@ impl PolicyMaps for KernelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), MapError> {
         let config = Config { ipcache_generation: generation, ..self.config };
         self.write_config(config)
+    }
+    fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), MapError> {
+        self.revisions.set(slot, revision, 0)
     }
     fn set_pod_address(&mut self, addr: std::net::Ipv6Addr, ifindex: u32) -> Result<(), MapError> {
         self.pod_addresses.insert(addr.octets(), ifindex, 0)
