@@ -106,7 +106,7 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
             Judgement::Audited { .. } => FRAGMENT_AUDITED,
             Judgement::Allowed { .. } | Judgement::Deferred => FRAGMENT_ALLOWED,
         };
-        let value = FragmentValue { allowed, _pad: [0; 3], src_port: packet.src_port, dst_port: packet.dst_port };
+        let value = FragmentValue { allowed, _pad1: 0, _pad2: 0, src_port: packet.src_port, dst_port: packet.dst_port };
         let _ = FRAGMENTS.insert(&fragment_key(ifindex, &packet), &value, 0);
     }
     account(&outcome, ifindex, direction, endpoint, &packet, bytes, HOOK_TC, None);
@@ -119,12 +119,13 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
 #[inline(always)]
 fn fragment_key(ifindex: u32, packet: &Packet) -> FragmentKey {
     FragmentKey {
+        src_addr: packet.src,
+        dst_addr: packet.dst,
         ifindex,
         id: packet.fragment_id,
         protocol: packet.protocol,
-        _pad: [0; 3],
-        src_addr: packet.src,
-        dst_addr: packet.dst,
+        _pad1: 0,
+        _pad2: 0,
     }
 }
 

@@ -279,7 +279,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
                 nat_port: seen.backend_port,
                 nat_addr: seen.backend,
                 slot: endpoint.endpoint_id,
-                _pad: [0; 4],
+                _pad: 0,
             };
             let _ = CONNTRACK.insert(&flow.key, &state, 0);
         }

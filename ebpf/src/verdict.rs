@@ -379,10 +379,13 @@ pub fn judge_tc_packet(
             rule_index,
             flags,
             tcp_state: flow::opened_state(packet),
-            nat_port: 0,
-            nat_addr: [0; 16],
+            // Meaningful once the netfilter hook confirms a deferred flow (it writes the
+            // backend); until then the destination the pod used. (Not zeros: a zeroed
+            // 16-byte array compiles to a byte-loop memset call.)
+            nat_port: packet.dst_port,
+            nat_addr: packet.dst,
             slot: endpoint.endpoint_id,
-            _pad: [0; 4],
+            _pad: 0,
         };
         // An LRU map makes room by itself; a failure only loses the fast path.
         let _ = CONNTRACK.insert(&flow.key, &state, 0);

@@ -118,11 +118,11 @@ fn zeroed<T: aya::Pod + Default>() -> Result<PerCpuValues<T>, MapError> {
 }
 
 fn identity_key(slot: u32, direction: u8, peer_identity: u32) -> PolicyIdentityKey {
-    PolicyIdentityKey { endpoint_id: slot, direction, _pad: [0; 3], peer_identity }
+    PolicyIdentityKey { endpoint_id: slot, direction, _pad1: 0, _pad2: 0, peer_identity }
 }
 
 fn cidr_key(slot: u32, direction: u8, net: Ipv6Net) -> Key<PolicyCidrKeyData> {
-    let data = PolicyCidrKeyData { endpoint_id: slot, direction, _pad: [0; 3], addr: net.network().octets() };
+    let data = PolicyCidrKeyData { endpoint_id: slot, direction, _pad1: 0, _pad2: 0, addr: net.network().octets() };
     Key::new(POLICY_CIDR_FIXED_BITS + u32::from(net.prefix_len()), data)
 }
 
