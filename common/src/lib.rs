@@ -8,13 +8,14 @@
 //!
 //! For a packet seen on a local pod's host-side veth (TC) or after kube-proxy's DNAT
 //! (netfilter), with `peer` the remote address:
-//! 1. `ENDPOINTS[ifindex]` -> the endpoint: its slot, flags, revision, own addresses.
-//! 2. `CONNTRACK[canonical flow key]` -> a flow allowed earlier on this interface. While the
-//!    endpoint's revision and the global ipcache generation are the ones the flow was allowed
-//!    under, every packet of the flow, either direction, passes on this one lookup (the fast
-//!    path). Any reprogramming of the endpoint or any ipcache change makes the entry stale, and
-//!    its next packet is judged again, so revoking a rule or relabelling a peer cuts existing
-//!    flows at their next packet.
+//! 1. `CONNTRACK[canonical flow key]` -> a flow allowed earlier on this interface. While
+//!    `REVISIONS[entry.slot]` is the revision the flow was allowed under and the global ipcache
+//!    generation is the entry's, every packet of the flow, either direction, passes on this one
+//!    lookup (the fast path), without reading the endpoint. Any reprogramming of the endpoint
+//!    or any ipcache change makes the entry stale, and its next packet is judged again, so
+//!    revoking a rule or relabelling a peer cuts existing flows at their next packet.
+//! 2. Otherwise `ENDPOINTS[ifindex]` -> the endpoint: its slot, flags, revision, own addresses
+//!    (anti-spoofing, then the verdict below).
 //! 3. A new (or stale) flow: `IPCACHE[peer]` -> the peer's identity (0 = world), then
 //!    `POLICY_IDENTITY[(slot, direction, identity)]` | the endpoint's any-peer bits |
 //!    (only if the endpoint has ipBlocks) `POLICY_CIDR` LPM -> peer bits;
@@ -144,7 +145,8 @@ pub struct EndpointInfo {
 pub struct PolicyIdentityKey {
     pub endpoint_id: u32,
     pub direction: u8,
-    pub _pad: [u8; 3],
+    pub _pad1: u8,
+    pub _pad2: u16,
     pub peer_identity: u32,
 }
 
@@ -162,7 +164,8 @@ pub struct RuleMask {
 pub struct PolicyCidrKeyData {
     pub endpoint_id: u32,
     pub direction: u8,
-    pub _pad: [u8; 3],
+    pub _pad1: u8,
+    pub _pad2: u16,
     pub addr: [u8; 16],
 }
 /// Bits of `PolicyCidrKeyData` before `addr` that every key matches exactly.
@@ -203,25 +206,35 @@ pub const PORT_RANGE_EXPAND_LIMIT: u32 = 64;
 /// Key of `CONNTRACK`: a flow on one pod interface, in canonical order so that both
 /// directions find the same entry: `(addr_a, port_a)` sorts before `(addr_b, port_b)` (see
 /// [`flow_order`]).
+///
+/// The addresses come first, at 8-byte offsets, and the padding is scalar: the programs build
+/// the key with word stores into an 8-aligned slot (`[u8; N]` padding and addresses at odd
+/// offsets compile to byte stores and `memset` calls).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// Interface the flow was allowed on: a packet on another pod's veth misses.
-    pub ifindex: u32,
-    pub protocol: u8,
-    pub _pad: [u8; 3],
-    pub port_a: u16,
-    pub port_b: u16,
     pub addr_a: [u8; 16],
     pub addr_b: [u8; 16],
+    /// Interface the flow was allowed on: a packet on another pod's veth misses.
+    pub ifindex: u32,
+    pub port_a: u16,
+    pub port_b: u16,
+    pub protocol: u8,
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
+
+/// Version of the [`FlowKey`]/[`FlowState`] layout, part of the conntrack table's pin name (a
+/// reordering that keeps the sizes must not reuse a table pinned by an older agent). 2: the
+/// addresses first in the key, the endpoint slot in the state.
+pub const CONNTRACK_LAYOUT: u32 = 2;
 
 /// Whether `(addr1, port1)` comes first in a [`FlowKey`]. Any total order serves; this one
 /// compares the addresses as two native-endian words (cheap in the kernel), then the ports.
 #[inline(always)]
 pub fn flow_order(addr1: &[u8; 16], port1: u16, addr2: &[u8; 16], port2: u16) -> bool {
-    let (hi1, lo1) = words(addr1);
-    let (hi2, lo2) = words(addr2);
+    let (hi1, lo1) = address_words(addr1);
+    let (hi2, lo2) = address_words(addr2);
     if hi1 != hi2 {
         return hi1 < hi2;
     }
@@ -231,13 +244,24 @@ pub fn flow_order(addr1: &[u8; 16], port1: u16, addr2: &[u8; 16], port2: u16) ->
     port1 <= port2
 }
 
+/// An address as two native-endian words (first eight bytes, last eight bytes): the programs
+/// compare, order and copy addresses in this form.
 #[inline(always)]
-fn words(addr: &[u8; 16]) -> (u64, u64) {
+pub fn address_words(addr: &[u8; 16]) -> (u64, u64) {
     let mut hi = [0u8; 8];
     let mut lo = [0u8; 8];
     hi.copy_from_slice(&addr[..8]);
     lo.copy_from_slice(&addr[8..]);
     (u64::from_ne_bytes(hi), u64::from_ne_bytes(lo))
+}
+
+/// The inverse of [`address_words`].
+#[inline(always)]
+pub fn address_from_words(hi: u64, lo: u64) -> [u8; 16] {
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&hi.to_ne_bytes());
+    addr[8..].copy_from_slice(&lo.to_ne_bytes());
+    addr
 }
 
 /// TCP-ish lifecycle of a flow; decides its idle timeout.
@@ -279,7 +303,16 @@ pub struct FlowState {
     pub nat_port: u16,
     /// Deferred flows: the backend address kube-proxy chose.
     pub nat_addr: [u8; 16],
+    /// The endpoint slot the verdict was taken for: with `revision` and `REVISIONS[slot]`,
+    /// tells whether the verdict is current without looking the endpoint up.
+    pub slot: u32,
+    pub _pad: u32,
 }
+/// `REVISIONS[slot]`: the revision of the endpoint programmed in that slot, 0 when the slot
+/// is free (revisions are never 0). The conntrack fast path compares it with the entry's
+/// revision instead of looking the endpoint up by interface.
+pub const NO_REVISION: u32 = 0;
+
 /// How often an established flow's timestamp is rewritten.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
@@ -287,12 +320,13 @@ pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragmentKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
     pub ifindex: u32,
     pub id: u32,
     pub protocol: u8,
-    pub _pad: [u8; 3],
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
 
 /// Value of `FRAGMENTS`: the verdict of the first fragment.
@@ -300,7 +334,8 @@ pub struct FragmentKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragmentValue {
     pub allowed: u8,
-    pub _pad: [u8; 3],
+    pub _pad1: u8,
+    pub _pad2: u16,
     /// The first fragment's L4 ports, so later fragments are counted against the same flow.
     pub src_port: u16,
     pub dst_port: u16,
@@ -491,8 +526,8 @@ mod tests {
     #[test]
     fn layouts_are_packed_as_declared() {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 4 + 16 + 4);
-        assert_eq!(core::mem::size_of::<FlowKey>(), 4 + 4 + 4 + 32);
-        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 32 + 4 + 4 + 4);
+        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8);
         assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);
         assert_eq!(core::mem::size_of::<VerdictEvent>(), 8 + 4 * 5 + 2 * 3 + 6 + 48);
     }

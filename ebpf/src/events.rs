@@ -27,15 +27,18 @@ fn count(index: u32) {
     }
 }
 
-/// Takes a token from this CPU's bucket; false when events are off or the rate is exhausted.
+/// Takes a token from this CPU's bucket; the clock reading when one was taken, `None` when
+/// events are off or the rate is exhausted. The clock is read only when events are on.
 #[inline(always)]
-fn take_token(now: u64) -> bool {
-    let Some(config) = CONFIG.get(0) else { return false };
+fn take_token() -> Option<u64> {
+    let config = CONFIG.get(0)?;
     let rate = config.events_per_second as u64;
     if rate == 0 {
-        return false;
+        return None;
     }
-    let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(0) else { return false };
+    let bucket = EVENT_BUCKETS.get_ptr_mut(0)?;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     let burst = (config.events_burst as u64).max(1) * TOKEN_SCALE;
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     unsafe {
@@ -53,22 +56,18 @@ fn take_token(now: u64) -> bool {
         }
         if (*bucket).tokens < TOKEN_SCALE {
             count(EVENTS_RATE_LIMITED);
-            return false;
+            return None;
         }
         (*bucket).tokens -= TOKEN_SCALE;
     }
-    true
+    Some(now)
 }
 
 /// Emits one event if the rate limit allows; `original_dst` is the pre-DNAT destination of a
 /// Service flow.
 #[inline(always)]
 pub fn emit(info: &EventInfo, packet: &Packet, original_dst: Option<(&[u8; 16], u16)>) {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !take_token(now) {
-        return;
-    }
+    let Some(now) = take_token() else { return };
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         count(EVENTS_RING_FULL);
         return;

@@ -3,7 +3,7 @@
 use crate::packet::{Packet, TCP_FIN, TCP_RST};
 use netsieve_common::{
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_INITIATOR_A, FLOW_REFRESH_NS, FlowKey, FlowState,
-    PROTO_TCP, PROTO_UDP, flow_order,
+    PROTO_TCP, PROTO_UDP, address_from_words, address_words,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -13,7 +13,9 @@ const TIMEOUT_TCP_CLOSING_NS: u64 = 10 * NS;
 const TIMEOUT_UDP_NS: u64 = 120 * NS;
 const TIMEOUT_OTHER_NS: u64 = 60 * NS;
 
-/// A packet's flow key, and whether the packet's source is end `a` of the key.
+/// A packet's flow key, and whether the packet's source is end `a` of the key. 8-aligned, so
+/// the key's addresses are built and hashed from aligned words.
+#[repr(C, align(8))]
 pub struct FlowRef {
     pub key: FlowKey,
     pub src_is_a: bool,
@@ -22,11 +24,30 @@ pub struct FlowRef {
 /// The key of the flow `src:src_port -> dst:dst_port` on `ifindex`.
 #[inline(always)]
 pub fn tuple_key(ifindex: u32, protocol: u8, src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16) -> FlowRef {
-    let src_is_a = flow_order(src, src_port, dst, dst_port);
-    let key = if src_is_a {
-        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: src_port, port_b: dst_port, addr_a: *src, addr_b: *dst }
+    // On words: byte-array moves and compares compile to byte loads and stores.
+    let (src_hi, src_lo) = address_words(src);
+    let (dst_hi, dst_lo) = address_words(dst);
+    let src_is_a = if src_hi != dst_hi {
+        src_hi < dst_hi
+    } else if src_lo != dst_lo {
+        src_lo < dst_lo
     } else {
-        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: dst_port, port_b: src_port, addr_a: *dst, addr_b: *src }
+        src_port <= dst_port
+    };
+    let (a_hi, a_lo, port_a, b_hi, b_lo, port_b) = if src_is_a {
+        (src_hi, src_lo, src_port, dst_hi, dst_lo, dst_port)
+    } else {
+        (dst_hi, dst_lo, dst_port, src_hi, src_lo, src_port)
+    };
+    let key = FlowKey {
+        addr_a: address_from_words(a_hi, a_lo),
+        addr_b: address_from_words(b_hi, b_lo),
+        ifindex,
+        port_a,
+        port_b,
+        protocol,
+        _pad1: 0,
+        _pad2: 0,
     };
     FlowRef { key, src_is_a }
 }

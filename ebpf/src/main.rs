@@ -21,7 +21,7 @@ use netsieve_common::{
 use netsieve_ebpf::counters::{Counted, count_audit, count_endpoint};
 use netsieve_ebpf::maps::{ENDPOINTS, FRAGMENTS};
 use netsieve_ebpf::packet::{Malformed, Packet, Parsed, TcFrame, parse_frame};
-use netsieve_ebpf::verdict::{Judgement, account, is_spoofed, judge_tc_packet, structural_drop};
+use netsieve_ebpf::verdict::{Judgement, Lookup, account, account_hit, is_spoofed, judge_tc_packet, lookup_flow, structural_drop};
 
 /// `FragmentValue::allowed`: what the first fragment's verdict was.
 const FRAGMENT_DENIED: u8 = 0;
@@ -66,17 +66,24 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
     let bytes = ctx.len() as u64;
     let frame = TcFrame::new(ctx);
     let parsed = parse_frame(&frame);
-    // SAFETY: plain read of a map value.
-    let endpoint = unsafe { ENDPOINTS.get(&ifindex) };
     let packet = match parsed {
         Ok(Parsed::Pass) => return Ok(()),
         Ok(Parsed::Ip(packet)) => packet,
         Err(Malformed) => {
+            // SAFETY: plain read of a map value.
+            let endpoint = unsafe { ENDPOINTS.get(&ifindex) };
             structural_drop(REASON_MALFORMED, ifindex, direction, endpoint, &Packet::empty(), bytes, HOOK_TC);
             return Err(Dropped);
         }
     };
-    let Some(endpoint) = endpoint else {
+    // The fast path: a packet of a flow judged earlier, under the current policy.
+    let (context, lookup) = lookup_flow(ifindex, direction, &packet);
+    if let Lookup::Hit { judgement, slot } = lookup {
+        account_hit(judgement, slot, direction, bytes);
+        return Ok(());
+    }
+    // SAFETY: plain read of a map value.
+    let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
         // Attached but not programmed: the agent writes the endpoint before attaching, so this
         // is a stale attachment; fail closed.
         structural_drop(REASON_NO_ENDPOINT, ifindex, direction, None, &packet, bytes, HOOK_TC);
@@ -92,14 +99,14 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
     // A packet leaving the interface it entered by: the pod reaching itself through a Service
     // (hairpin, source masqueraded).
     let hairpin = direction == DIRECTION_INGRESS && ingress_ifindex == ifindex;
-    let outcome = judge_tc_packet(ifindex, direction, endpoint, &packet, hairpin);
+    let outcome = judge_tc_packet(direction, endpoint, &packet, hairpin, &context, lookup);
     if packet.fragment {
         let allowed = match outcome.judgement {
             Judgement::Denied { .. } => FRAGMENT_DENIED,
             Judgement::Audited { .. } => FRAGMENT_AUDITED,
             Judgement::Allowed { .. } | Judgement::Deferred => FRAGMENT_ALLOWED,
         };
-        let value = FragmentValue { allowed, _pad: [0; 3], src_port: packet.src_port, dst_port: packet.dst_port };
+        let value = FragmentValue { allowed, _pad1: 0, _pad2: 0, src_port: packet.src_port, dst_port: packet.dst_port };
         let _ = FRAGMENTS.insert(&fragment_key(ifindex, &packet), &value, 0);
     }
     account(&outcome, ifindex, direction, endpoint, &packet, bytes, HOOK_TC, None);
@@ -112,12 +119,13 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
 #[inline(always)]
 fn fragment_key(ifindex: u32, packet: &Packet) -> FragmentKey {
     FragmentKey {
+        src_addr: packet.src,
+        dst_addr: packet.dst,
         ifindex,
         id: packet.fragment_id,
         protocol: packet.protocol,
-        _pad: [0; 3],
-        src_addr: packet.src,
-        dst_addr: packet.dst,
+        _pad1: 0,
+        _pad2: 0,
     }
 }
 

@@ -6,6 +6,8 @@ use netsieve_common::*;
 
 #[map(name = "ENDPOINTS")]
 pub static ENDPOINTS: HashMap<EndpointKey, EndpointInfo> = HashMap::with_max_entries(MAX_ENDPOINTS, 0);
+#[map(name = "REVISIONS")]
+pub static REVISIONS: Array<u32> = Array::with_max_entries(MAX_ENDPOINT_SLOTS, 0);
 #[map(name = "POD_ADDRESSES")]
 pub static POD_ADDRESSES: HashMap<IpcacheKey, u32> = HashMap::with_max_entries(MAX_POD_ADDRESSES, 0);
 #[map(name = "IPCACHE")]

@@ -258,6 +258,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
                 (*state).nat_addr = seen.backend;
                 (*state).nat_port = seen.backend_port;
                 (*state).revision = endpoint.revision;
+                (*state).slot = endpoint.endpoint_id;
                 (*state).ipcache_generation = settings.ipcache_generation;
                 (*state).rule_index = rule;
                 (*state).flags = ((*state).flags & !FLOW_AUDIT) | FLOW_CONFIRMED | audit;
@@ -277,6 +278,8 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
                 tcp_state: CT_STATE_NEW,
                 nat_port: seen.backend_port,
                 nat_addr: seen.backend,
+                slot: endpoint.endpoint_id,
+                _pad: 0,
             };
             let _ = CONNTRACK.insert(&flow.key, &state, 0);
         }

@@ -14,7 +14,7 @@ use netsieve_common::{
 pub fn peer_bits(endpoint: &EndpointInfo, direction: u8, identity: u32, peer: &[u8; 16]) -> u64 {
     let dir = (direction & 1) as usize;
     let mut bits = endpoint.any_peer_bits[dir];
-    let key = PolicyIdentityKey { endpoint_id: endpoint.endpoint_id, direction, _pad: [0; 3], peer_identity: identity };
+    let key = PolicyIdentityKey { endpoint_id: endpoint.endpoint_id, direction, _pad1: 0, _pad2: 0, peer_identity: identity };
     // SAFETY: plain read of a map value.
     if let Some(mask) = unsafe { POLICY_IDENTITY.get(&key) } {
         bits |= mask.bits;
@@ -22,7 +22,7 @@ pub fn peer_bits(endpoint: &EndpointInfo, direction: u8, identity: u32, peer: &[
     if endpoint.flags & (EP_CIDR_RULES << dir) != 0 {
         let key = Key::new(
             POLICY_CIDR_FIXED_BITS + 128,
-            PolicyCidrKeyData { endpoint_id: endpoint.endpoint_id, direction, _pad: [0; 3], addr: *peer },
+            PolicyCidrKeyData { endpoint_id: endpoint.endpoint_id, direction, _pad1: 0, _pad2: 0, addr: *peer },
         );
         if let Some(mask) = POLICY_CIDR.get(&key) {
             bits |= mask.bits;

@@ -3,7 +3,7 @@
 use crate::counters::{Counted, count_audit, count_drop, count_endpoint, count_rule};
 use crate::events::{EventInfo, emit};
 use crate::flow;
-use crate::maps::{CONFIG, CONNTRACK, IPCACHE};
+use crate::maps::{CONFIG, CONNTRACK, IPCACHE, REVISIONS};
 use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
@@ -11,7 +11,7 @@ use netsieve_common::{
     CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
     FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
-    IDENTITY_WORLD, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
+    IDENTITY_WORLD, NO_REVISION, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
     VERDICT_DROPPED,
 };
 
@@ -178,6 +178,7 @@ unsafe fn rejudge(
     match judgement {
         Judgement::Allowed { rule } => {
             s.revision = endpoint.revision;
+            s.slot = endpoint.endpoint_id;
             s.ipcache_generation = settings.ipcache_generation;
             s.rule_index = rule;
             s.flags &= !FLOW_AUDIT;
@@ -185,6 +186,7 @@ unsafe fn rejudge(
         }
         Judgement::Audited { .. } => {
             s.revision = endpoint.revision;
+            s.slot = endpoint.endpoint_id;
             s.ipcache_generation = settings.ipcache_generation;
             s.rule_index = NO_RULE;
             s.flags |= FLOW_AUDIT;
@@ -204,56 +206,142 @@ fn cached(state: &FlowState) -> Judgement {
     }
 }
 
-/// Judges a packet at a TC hook of the endpoint's interface `ifindex`.
+/// What conntrack says of a packet before the endpoint is looked up.
+#[derive(Clone, Copy)]
+pub enum Lookup {
+    /// Decided by conntrack alone (the fast path): the judgement, and the endpoint slot to
+    /// count it against.
+    Hit { judgement: Judgement, slot: u32 },
+    /// An entry the endpoint is needed for (stale, or a reply to a deferred flow the netfilter
+    /// hook has not confirmed).
+    Entry(*mut FlowState),
+    Miss,
+}
+
+/// What a packet's verdict is taken with: its flow key, the settings and clock read first.
+pub struct FlowContext {
+    pub flow: flow::FlowRef,
+    pub settings: Settings,
+    pub now: u64,
+}
+
+/// Whether a packet at a hook of `direction` comes from (egress) or goes to (ingress) the
+/// pod's end of the flow: conntrack entries are only created with the pod's own address on
+/// the pod's end, so such a packet needs no anti-spoofing check.
 #[inline(always)]
-pub fn judge_tc_packet(ifindex: u32, direction: u8, endpoint: &EndpointInfo, packet: &Packet, hairpin: bool) -> Outcome {
-    let settings = settings();
-    let now = now_coarse();
-    let flow = flow::packet_key(ifindex, packet);
+fn on_pod_side(direction: u8, state: &FlowState, forward: bool) -> bool {
+    (direction == DIRECTION_EGRESS) == ((state.flags & FLOW_EGRESS != 0) == forward)
+}
+
+/// The fast path: one conntrack lookup. A live, current entry decides the packet without the
+/// endpoint: the entry's slot and revision are checked against `REVISIONS`.
+#[inline(always)]
+pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet) -> (FlowContext, Lookup) {
+    let context = FlowContext { flow: flow::packet_key(ifindex, packet), settings: settings(), now: now_coarse() };
+    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse). A
+    // fragment needs the endpoint (its verdict is recorded for the later fragments).
+    if packet.is_tcp_open() || packet.fragment {
+        return (context, Lookup::Miss);
+    }
+    let Some(state) = CONNTRACK.get_ptr_mut(&context.flow.key) else { return (context, Lookup::Miss) };
+    // SAFETY: a live map value for this program run.
+    let s = unsafe { &*state };
+    if flow::expired(&context.flow.key, s, context.now) {
+        return (context, Lookup::Miss);
+    }
+    let forward = flow::from_initiator(s, context.flow.src_is_a);
+    if !on_pod_side(direction, s, forward) {
+        return (context, Lookup::Entry(state));
+    }
+    if s.flags & FLOW_DEFERRED != 0 {
+        if forward {
+            // Forward packets of a deferred flow are the netfilter hook's to judge.
+            if context.settings.flags & CONFIG_NETFILTER_ACTIVE == 0 {
+                return (context, Lookup::Entry(state));
+            }
+            // SAFETY: as above.
+            unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, false, context.now) };
+            return (context, Lookup::Hit { judgement: Judgement::Deferred, slot: s.slot });
+        }
+        // Replies are admitted once the netfilter hook confirmed the flow.
+        if s.flags & FLOW_CONFIRMED == 0 {
+            return (context, Lookup::Entry(state));
+        }
+    }
+    let revision = REVISIONS.get(s.slot).copied().unwrap_or(NO_REVISION);
+    if revision != s.revision || s.ipcache_generation != context.settings.ipcache_generation {
+        return (context, Lookup::Entry(state));
+    }
+    // SAFETY: as above.
+    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, context.now) };
+    (context, Lookup::Hit { judgement: cached(s), slot: s.slot })
+}
+
+/// Counts a packet the fast path decided (no events: the flow reported when it was judged).
+#[inline(always)]
+pub fn account_hit(judgement: Judgement, slot: u32, direction: u8, bytes: u64) {
+    match judgement {
+        Judgement::Allowed { rule } => {
+            count_endpoint(slot, direction, Counted::Allowed, bytes);
+            count_rule(rule, bytes);
+        }
+        Judgement::Audited { reason } => {
+            count_audit(reason, direction);
+            count_endpoint(slot, direction, Counted::Audited, bytes);
+        }
+        // Counted by the netfilter hook, which takes the verdict.
+        Judgement::Deferred | Judgement::Denied { .. } => {}
+    }
+}
+
+/// Judges a packet at a TC hook of an endpoint's interface that the fast path did not decide.
+#[inline(always)]
+pub fn judge_tc_packet(
+    direction: u8,
+    endpoint: &EndpointInfo,
+    packet: &Packet,
+    hairpin: bool,
+    context: &FlowContext,
+    lookup: Lookup,
+) -> Outcome {
+    let settings = &context.settings;
+    let now = context.now;
+    let flow = &context.flow;
     let netfilter_active = settings.flags & CONFIG_NETFILTER_ACTIVE != 0;
     // A packet answering a deferred flow the netfilter hook has not confirmed is judged on its
     // own, without replacing that flow's entry.
     let mut may_record = true;
-    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse).
-    if !packet.is_tcp_open()
-        && let Some(state) = CONNTRACK.get_ptr_mut(&flow.key)
-    {
+    if let Lookup::Entry(state) = lookup {
         // SAFETY: a live map value for this program run.
         let s = unsafe { &*state };
-        if !flow::expired(&flow.key, s, now) {
-            let forward = flow::from_initiator(s, flow.src_is_a);
-            let current = s.revision == endpoint.revision && s.ipcache_generation == settings.ipcache_generation;
-            let deferred = s.flags & FLOW_DEFERRED != 0;
-            let usable = if deferred {
-                // Forward packets of a deferred flow are the netfilter hook's to judge; replies
-                // are admitted once it confirmed the flow.
+        let forward = flow::from_initiator(s, flow.src_is_a);
+        let deferred = s.flags & FLOW_DEFERRED != 0;
+        let usable = on_pod_side(direction, s, forward)
+            && if deferred {
                 (forward && netfilter_active) || (!forward && s.flags & FLOW_CONFIRMED != 0)
             } else {
                 true
             };
-            if deferred && !forward && !usable {
-                may_record = false;
+        if deferred && !forward {
+            may_record = usable;
+        }
+        if usable {
+            if deferred && forward {
+                return Outcome { judgement: Judgement::Deferred, identity: IDENTITY_WORLD, fresh: false };
             }
-            if usable {
-                if deferred && forward {
-                    // SAFETY: as above.
-                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, false, now) };
-                    return Outcome { judgement: Judgement::Deferred, identity: IDENTITY_WORLD, fresh: false };
-                }
-                if current {
-                    // SAFETY: as above.
-                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
-                    return Outcome { judgement: cached(s), identity: IDENTITY_WORLD, fresh: false };
-                }
+            if s.revision == endpoint.revision && s.ipcache_generation == settings.ipcache_generation {
                 // SAFETY: as above.
-                if let Some(judgement) = unsafe { rejudge(endpoint, &settings, &flow.key, state) } {
-                    // SAFETY: as above.
-                    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
-                    return Outcome { judgement, identity: IDENTITY_WORLD, fresh: false };
-                }
-                // Revoked: the entry goes and the packet is judged as a new flow.
-                let _ = CONNTRACK.remove(&flow.key);
+                unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
+                return Outcome { judgement: cached(s), identity: IDENTITY_WORLD, fresh: false };
             }
+            // SAFETY: as above.
+            if let Some(judgement) = unsafe { rejudge(endpoint, settings, &flow.key, state) } {
+                // SAFETY: as above.
+                unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, now) };
+                return Outcome { judgement, identity: IDENTITY_WORLD, fresh: false };
+            }
+            // Revoked: the entry goes and the packet is judged as a new flow.
+            let _ = CONNTRACK.remove(&flow.key);
         }
     }
     let peer = if direction == DIRECTION_EGRESS { &packet.dst } else { &packet.src };
@@ -268,6 +356,11 @@ pub fn judge_tc_packet(ifindex: u32, direction: u8, endpoint: &EndpointInfo, pac
         allow_defer,
         hairpin,
     );
+    // Entries keep the pod's own address on the pod's end (the fast path relies on it): a
+    // packet to the pod for another address is judged but not recorded.
+    if direction == DIRECTION_INGRESS && !is_own_address(endpoint, &packet.dst) {
+        may_record = false;
+    }
     let mut flags = if flow.src_is_a { FLOW_INITIATOR_A } else { 0 };
     if direction == DIRECTION_EGRESS {
         flags |= FLOW_EGRESS;
@@ -286,8 +379,13 @@ pub fn judge_tc_packet(ifindex: u32, direction: u8, endpoint: &EndpointInfo, pac
             rule_index,
             flags,
             tcp_state: flow::opened_state(packet),
-            nat_port: 0,
-            nat_addr: [0; 16],
+            // Meaningful once the netfilter hook confirms a deferred flow (it writes the
+            // backend); until then the destination the pod used. (Not zeros: a zeroed
+            // 16-byte array compiles to a byte-loop memset call.)
+            nat_port: packet.dst_port,
+            nat_addr: packet.dst,
+            slot: endpoint.endpoint_id,
+            _pad: 0,
         };
         // An LRU map makes room by itself; a failure only loses the fast path.
         let _ = CONNTRACK.insert(&flow.key, &state, 0);

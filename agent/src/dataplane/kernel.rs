@@ -61,11 +61,13 @@ pub fn load() -> Result<Loaded, KernelError> {
     finish(Ebpf::load(EBPF_OBJECT).map_err(Box::new)?)
 }
 
-/// The pin name of the conntrack table. It carries the layout, so an agent whose table has a
-/// different layout starts a table of its own instead of misreading the old one.
+/// The pin name of the conntrack table. It carries the layout (version and sizes), so an agent
+/// whose table has a different layout starts a table of its own instead of misreading the old
+/// one.
 pub fn conntrack_pin_name() -> String {
     format!(
-        "CONNTRACK-k{}v{}n{}",
+        "CONNTRACK-l{}k{}v{}n{}",
+        netsieve_common::CONNTRACK_LAYOUT,
         std::mem::size_of::<netsieve_common::FlowKey>(),
         std::mem::size_of::<netsieve_common::FlowState>(),
         netsieve_common::MAX_CONNTRACK_ENTRIES

@@ -26,6 +26,7 @@ pub struct KernelMaps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub ipcache: HashMap<MapData, IpcacheKey, IpcacheValue>,
     pub pod_addresses: HashMap<MapData, IpcacheKey, u32>,
+    pub revisions: Array<MapData, u32>,
     pub identity: HashMap<MapData, PolicyIdentityKey, RuleMask>,
     pub cidr: LpmTrie<MapData, PolicyCidrKeyData, RuleMask>,
     pub port: HashMap<MapData, PolicyPortKey, RuleMask>,
@@ -64,6 +65,7 @@ impl KernelMaps {
             endpoints: take(ebpf, "ENDPOINTS")?,
             ipcache: take(ebpf, "IPCACHE")?,
             pod_addresses: take(ebpf, "POD_ADDRESSES")?,
+            revisions: take(ebpf, "REVISIONS")?,
             identity: take(ebpf, "POLICY_IDENTITY")?,
             cidr: take(ebpf, "POLICY_CIDR")?,
             port: take(ebpf, "POLICY_PORT")?,
@@ -142,11 +144,11 @@ fn zeroed<T: aya::Pod + Default>() -> Result<PerCpuValues<T>, MapError> {
 }
 
 fn identity_key(slot: u32, direction: u8, peer_identity: u32) -> PolicyIdentityKey {
-    PolicyIdentityKey { endpoint_id: slot, direction, _pad: [0; 3], peer_identity }
+    PolicyIdentityKey { endpoint_id: slot, direction, _pad1: 0, _pad2: 0, peer_identity }
 }
 
 fn cidr_key(slot: u32, direction: u8, net: Ipv6Net) -> Key<PolicyCidrKeyData> {
-    let data = PolicyCidrKeyData { endpoint_id: slot, direction, _pad: [0; 3], addr: net.network().octets() };
+    let data = PolicyCidrKeyData { endpoint_id: slot, direction, _pad1: 0, _pad2: 0, addr: net.network().octets() };
     Key::new(POLICY_CIDR_FIXED_BITS + u32::from(net.prefix_len()), data)
 }
 
@@ -185,6 +187,9 @@ impl PolicyMaps for KernelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), MapError> {
         let config = Config { ipcache_generation: generation, ..self.config };
         self.write_config(config)
+    }
+    fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), MapError> {
+        self.revisions.set(slot, revision, 0)
     }
     fn set_pod_address(&mut self, addr: std::net::Ipv6Addr, ifindex: u32) -> Result<(), MapError> {
         self.pod_addresses.insert(addr.octets(), ifindex, 0)

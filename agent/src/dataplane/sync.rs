@@ -20,7 +20,7 @@ use netsieve_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT, EP_CIDR_RULES, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED,
     EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_PORT_RANGES, EndpointInfo, IpcacheValue, MAX_ENDPOINT_SLOTS,
     MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
-    MAX_POLICY_PORT_RANGE_ENTRIES, MAX_RULE_COUNTERS, NO_RULE,
+    MAX_POLICY_PORT_RANGE_ENTRIES, MAX_RULE_COUNTERS, NO_REVISION, NO_RULE,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -135,6 +135,8 @@ pub trait PolicyMaps {
     fn remove_ipcache(&mut self, net: Ipv6Net) -> Result<(), Self::Error>;
     /// Makes conntrack entries taken under older ipcache contents stale.
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error>;
+    /// The revision now programmed in an endpoint slot (`REVISIONS`; `NO_REVISION` = free).
+    fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), Self::Error>;
     /// A local pod's own address and its interface (`POD_ADDRESSES`).
     fn set_pod_address(&mut self, addr: Ipv6Addr, ifindex: u32) -> Result<(), Self::Error>;
     fn remove_pod_address(&mut self, addr: Ipv6Addr) -> Result<(), Self::Error>;
@@ -407,8 +409,7 @@ impl Synchronizer {
     fn program_endpoint<M: PolicyMaps>(&mut self, maps: &mut M, name: &str, program: EndpointProgram) -> Result<(), ProgramError<M::Error>> {
         let previous = self.live.get(name).cloned();
         let slot = self.allocate_slot().ok_or(ProgramError::NoSlot)?;
-        let revision = self.next_revision;
-        self.next_revision = self.next_revision.wrapping_add(1);
+        let revision = self.allocate_revision();
         let mut rule_bases = [NO_RULE; 2];
         let mut rule_ranges = Vec::new();
         for (direction, entries) in program.directions() {
@@ -427,6 +428,7 @@ impl Synchronizer {
         let result = (|| {
             maps.reset_counters(slot, &rule_ranges)?;
             self.write_entries(maps, slot, &program)?;
+            maps.set_slot_revision(slot, revision)?;
             maps.set_endpoint(program.ifindex, endpoint_info(&program, slot, revision, rule_bases))
         })();
         if let Err(error) = result {
@@ -449,6 +451,8 @@ impl Synchronizer {
 
     /// Deletes an endpoint programming's entries and frees its slot and rule counters.
     fn retire<M: PolicyMaps>(&mut self, maps: &mut M, old: &LiveEndpoint) -> Result<(), M::Error> {
+        // Conntrack entries of this programming are stale from now on.
+        maps.set_slot_revision(old.slot, NO_REVISION)?;
         self.delete_entries(maps, old.slot, &old.program)?;
         self.used_slots.remove(&old.slot);
         for (direction, entries) in old.program.directions() {
@@ -496,6 +500,16 @@ impl Synchronizer {
     /// Programmed endpoints with everything known about them.
     pub fn live(&self) -> impl Iterator<Item = (&str, &LiveEndpoint)> {
         self.live.iter().map(|(name, l)| (name.as_str(), l))
+    }
+
+    /// The next revision; never `NO_REVISION`.
+    fn allocate_revision(&mut self) -> u32 {
+        if self.next_revision == NO_REVISION {
+            self.next_revision = 1;
+        }
+        let revision = self.next_revision;
+        self.next_revision = self.next_revision.wrapping_add(1);
+        revision
     }
 
     fn allocate_slot(&mut self) -> Option<u32> {
@@ -582,6 +596,7 @@ pub struct ModelMaps {
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
     pub ipcache_generation: u32,
     pub pod_addresses: BTreeMap<Ipv6Addr, u32>,
+    pub revisions: BTreeMap<u32, u32>,
     pub identity: BTreeMap<(u32, u8, u32), u64>,
     pub cidr: BTreeMap<(u32, u8, Ipv6Net), u64>,
     pub port: BTreeMap<(u32, u8, u8, u16), u64>,
@@ -616,6 +631,11 @@ impl PolicyMaps for ModelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error> {
         self.operations += 1;
         self.ipcache_generation = generation;
+        Ok(())
+    }
+    fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.revisions.insert(slot, revision);
         Ok(())
     }
     fn set_pod_address(&mut self, addr: Ipv6Addr, ifindex: u32) -> Result<(), Self::Error> {
