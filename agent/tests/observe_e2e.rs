@@ -192,6 +192,9 @@ fn events_monitor_status_and_live_explain() {
     assert_eq!((&entry["direction"], &entry["current"]), (&"ingress".into(), &true.into()));
     assert_eq!(entry["responder"]["port"], 80);
     assert!(entry["last_seen"].as_str().is_some_and(is_rfc3339));
+    assert!(entry["since"].as_str().is_some_and(is_rfc3339));
+    let (age, idle) = (entry["age_seconds"].as_u64().expect("age"), entry["idle_seconds"].as_u64().expect("idle"));
+    assert!(age >= idle && age < 600, "admitted {age} s ago, last seen {idle} s ago: {entry}");
     assert_eq!(entry["rules"][0]["policy"], "default/access-nginx");
     // The denied connection: the client's egress (not isolated) tracked it, nginx's ingress
     // never did.

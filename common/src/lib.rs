@@ -226,8 +226,8 @@ pub struct FlowKey {
 
 /// Version of the [`FlowKey`]/[`FlowState`] layout, part of the conntrack table's pin name (a
 /// reordering that keeps the sizes must not reuse a table pinned by an older agent). 2: the
-/// addresses first in the key, the endpoint slot in the state.
-pub const CONNTRACK_LAYOUT: u32 = 2;
+/// addresses first in the key, the endpoint slot in the state. 3: `FlowState::created_ns`.
+pub const CONNTRACK_LAYOUT: u32 = 3;
 
 /// Whether `(addr1, port1)` comes first in a [`FlowKey`]. Any total order serves; this one
 /// compares the addresses as two native-endian words (cheap in the kernel), then the ports.
@@ -307,6 +307,10 @@ pub struct FlowState {
     /// tells whether the verdict is current without looking the endpoint up.
     pub slot: u32,
     pub _pad: u32,
+    /// When the verdict of this entry was taken (same coarse clock as `last_seen_ns`): the
+    /// flow's admission, or its last re-admission after a policy or ipcache change. Written
+    /// only when the entry is inserted; `netsieve explain --agent` reports it as "since".
+    pub created_ns: u64,
 }
 /// `REVISIONS[slot]`: the revision of the endpoint programmed in that slot, 0 when the slot
 /// is free (revisions are never 0). The conntrack fast path compares it with the entry's
@@ -527,7 +531,7 @@ mod tests {
     fn layouts_are_packed_as_declared() {
         assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 4 + 16 + 4);
         assert_eq!(core::mem::size_of::<FlowKey>(), 32 + 4 + 4 + 4);
-        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8);
+        assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8 + 8);
         assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);
         assert_eq!(core::mem::size_of::<VerdictEvent>(), 8 + 4 * 5 + 2 * 3 + 6 + 48);
     }

@@ -280,6 +280,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
                 nat_addr: seen.backend,
                 slot: endpoint.endpoint_id,
                 _pad: 0,
+                created_ns: now,
             };
             let _ = CONNTRACK.insert(&flow.key, &state, 0);
         }

@@ -386,6 +386,7 @@ pub fn judge_tc_packet(
             nat_addr: packet.dst,
             slot: endpoint.endpoint_id,
             _pad: 0,
+            created_ns: now,
         };
         // An LRU map makes room by itself; a failure only loses the fast path.
         let _ = CONNTRACK.insert(&flow.key, &state, 0);

@@ -440,6 +440,8 @@ fn lookup_conntrack(
             state: conntrack::state_name(state.tcp_state).to_string(),
             last_seen: clock.rfc3339(state.last_seen_ns),
             idle_seconds: idle / 1_000_000_000,
+            since: clock.rfc3339(state.created_ns),
+            age_seconds: now.saturating_sub(state.created_ns) / 1_000_000_000,
             current: owner.is_some_and(|(_, _, p)| p.revision == state.revision) && state.ipcache_generation == ipcache_generation,
             audit: flags.audit,
             deferred: flags.deferred,

@@ -10,9 +10,9 @@ use netsieve_common::{
 /// the key form: IPv4 as IPv4-mapped IPv6), exactly as the programs build it.
 pub fn flow_key(ifindex: u32, protocol: u8, src: &[u8; 16], src_port: u16, dst: &[u8; 16], dst_port: u16) -> FlowKey {
     if flow_order(src, src_port, dst, dst_port) {
-        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: src_port, port_b: dst_port, addr_a: *src, addr_b: *dst }
+        FlowKey { ifindex, protocol, _pad1: 0, _pad2: 0, port_a: src_port, port_b: dst_port, addr_a: *src, addr_b: *dst }
     } else {
-        FlowKey { ifindex, protocol, _pad: [0; 3], port_a: dst_port, port_b: src_port, addr_a: *dst, addr_b: *src }
+        FlowKey { ifindex, protocol, _pad1: 0, _pad2: 0, port_a: dst_port, port_b: src_port, addr_a: *dst, addr_b: *src }
     }
 }
 

@@ -439,6 +439,12 @@ pub struct ConntrackFlow {
     /// When a packet of the flow was last seen (RFC 3339; refreshed at most once a second).
     pub last_seen: String,
     pub idle_seconds: u64,
+    /// Since when the entry holds its verdict (RFC 3339): the flow's admission, or its last
+    /// re-admission after a policy or ipcache change.
+    #[serde(default)]
+    pub since: String,
+    #[serde(default)]
+    pub age_seconds: u64,
     /// Under the endpoint's current programming and ipcache; otherwise its next packet is
     /// judged again.
     pub current: bool,

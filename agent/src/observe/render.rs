@@ -238,13 +238,15 @@ pub fn live_explanation_text(explanation: &LiveExplanation) -> String {
             for entry in &c.entries {
                 let state = if entry.current { "current" } else { "stale (judged again at its next packet)" };
                 let mut line = format!(
-                    "  conntrack: {} -> {} on {} ({}): {}, {} flow, {state}, last seen {} ({} s ago)",
+                    "  conntrack: {} -> {} on {} ({}): {}, {} flow, {state}, since {} ({} s), last seen {} ({} s ago)",
                     socket(&entry.initiator.ip, entry.initiator.port),
                     socket(&entry.responder.ip, entry.responder.port),
                     entry.interface.clone().unwrap_or_else(|| format!("ifindex {}", entry.ifindex)),
                     entry.pod.as_deref().unwrap_or("?"),
                     entry.state,
                     entry.direction.name(),
+                    short_time(&entry.since),
+                    entry.age_seconds,
                     short_time(&entry.last_seen),
                     entry.idle_seconds
                 );
