@@ -10,3 +10,4 @@ pub mod netns;
 pub mod scenario;
 pub mod seed_cluster;
 pub mod service_cluster;
+pub mod spoof;
