@@ -215,7 +215,8 @@ struct ObjPinAttr {
     file_flags: u32,
 }
 
-/// `union bpf_attr` for BPF_PROG_TEST_RUN.
+/// `union bpf_attr` for BPF_PROG_TEST_RUN. (Every attribute struct here has no implicit
+/// padding: see `_pad`.)
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -234,6 +235,9 @@ struct TestRunAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit, so it is zero: the kernel refuses non-zero bytes after the command's last
+    /// field, and Rust leaves implicit padding uninitialised.
+    _pad: u32,
 }
 
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> std::io::Result<i64> {

@@ -9,9 +9,12 @@ use netsieve_ebpf::netfilter::{NfContext, judge_netfilter};
 /// The entry point. aya-obj, which the agent uses to relocate this object against the maps of
 /// the TC object, only parses sections it knows, so the section carries a TC name; the agent
 /// loads the function as a netfilter program, never as a classifier.
+///
+/// # Safety
+/// Only the kernel calls it, with a valid `struct bpf_nf_ctx`.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "classifier/netsieve_netfilter")]
-pub extern "C" fn netsieve_netfilter(ctx: *const NfContext) -> i32 {
+pub unsafe extern "C" fn netsieve_netfilter(ctx: *const NfContext) -> i32 {
     // SAFETY: the kernel calls the program with its context.
     unsafe { judge_netfilter(ctx) }
 }
