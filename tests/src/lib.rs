@@ -11,3 +11,4 @@ pub mod scenario;
 pub mod seed_cluster;
 pub mod service_cluster;
 pub mod spoof;
+pub mod throughput;
