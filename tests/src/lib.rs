@@ -10,3 +10,5 @@ pub mod netns;
 pub mod scenario;
 pub mod seed_cluster;
 pub mod service_cluster;
+pub mod spoof;
+pub mod throughput;

@@ -733,6 +733,28 @@ impl Cluster {
         handle.join().ok()?.ok()?
     }
 
+    /// Turns reverse-path filtering off in a node's namespace: `all`, `default` and every
+    /// interface it has now (the kernel applies the larger of `all` and the interface's
+    /// value), so a packet with a forged source is routed on like any other and only an
+    /// enforcer can stop it. Returns the interfaces set (`all` and `default` included).
+    pub fn disable_rp_filter(&self, node: usize) -> Result<Vec<String>, NetnsError> {
+        let netns = &self.nodes[node].netns;
+        let listing = run_in(netns, "ls", &["/proc/sys/net/ipv4/conf"], None)?;
+        let mut interfaces: Vec<String> = listing.split_whitespace().map(str::to_string).collect();
+        // `all` first: a new interface copies `default`, and `all` caps every interface.
+        interfaces.sort_by_key(|name| (name != "all", name != "default", name.clone()));
+        for name in &interfaces {
+            sysctl(netns, &format!("net.ipv4.conf.{name}.rp_filter=0"))?;
+        }
+        for name in &interfaces {
+            let value = run_in(netns, "sysctl", &["-n", &format!("net.ipv4.conf.{name}.rp_filter")], None)?;
+            if value.trim() != "0" {
+                return Err(NetnsError::Command { command: format!("sysctl net.ipv4.conf.{name}.rp_filter"), stderr: format!("still {}", value.trim()) });
+            }
+        }
+        Ok(interfaces)
+    }
+
     /// Starts a command inside a node's namespace (e.g. the agent).
     pub fn spawn_on_node(&self, node: usize, program: &std::path::Path, args: &[&str]) -> std::io::Result<std::process::Child> {
         Command::new("ip")

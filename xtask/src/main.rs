@@ -45,8 +45,12 @@ enum Task {
     Build,
     /// Run setup, then every test (unit, semantics, BPF, CLI) and clippy.
     Test,
-    /// Run the benchmarks and print side-by-side ratios.
-    Bench,
+    /// Run the benchmarks and print side-by-side ratios: every one, or only those named
+    /// (`cargo xtask bench throughput`; names of agent/benches/*.rs).
+    Bench {
+        /// Benchmarks to run (all when none is named).
+        names: Vec<String>,
+    },
     /// Set up, build and run the demo.
     Demo,
 }
@@ -58,7 +62,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::Build => build(&root),
         Task::Test => test(&root),
-        Task::Bench => bench(&root),
+        Task::Bench { names } => bench(&root, &names),
         Task::Demo => demo(&root),
     }
 }
@@ -146,6 +150,18 @@ fn setup() -> Result<()> {
 fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root);
+    // `cargo xtask` runs us with xtask's own CARGO_PKG_* / CARGO_MANIFEST_DIR etc. set; build
+    // scripts that watch them (ring's) would then see a changed environment and rebuild, with
+    // everything depending on them, every time plain `cargo` and `cargo xtask` alternate.
+    for (name, _) in std::env::vars_os() {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("CARGO_PKG_")
+            || ["CARGO_MANIFEST_DIR", "CARGO_MANIFEST_PATH", "CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_BIN_NAME"]
+                .contains(&name_text.as_ref())
+        {
+            cmd.env_remove(&name);
+        }
+    }
     cmd
 }
 
@@ -174,9 +190,17 @@ fn test(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(root: &Path) -> Result<()> {
+fn bench(root: &Path, names: &[String]) -> Result<()> {
     setup()?;
-    run(cargo(root).args(["bench", "--package", "netsieve"]))
+    let started = std::time::Instant::now();
+    let mut cmd = cargo(root);
+    cmd.args(["bench", "--package", "netsieve"]);
+    for name in names {
+        cmd.args(["--bench", name]);
+    }
+    run(&mut cmd)?;
+    eprintln!("xtask: benchmarks took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn demo(root: &Path) -> Result<()> {
