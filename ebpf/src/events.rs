@@ -3,8 +3,8 @@
 //! events; every event not emitted is counted by why (`EVENT_COUNTERS`).
 use crate::maps::{CONFIG, EVENT_BUCKETS, EVENT_COUNTERS, EVENTS};
 use crate::packet::Packet;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use netsieve_common::{EVENTS_EMITTED, EVENTS_RATE_LIMITED, EVENTS_RING_FULL, TOKEN_SCALE, VerdictEvent};
+use crate::verdict::{now_coarse, now_precise};
+use netsieve_common::{EVENTS_EMITTED, EVENTS_RATE_LIMITED, EVENTS_RING_FULL, HOOK_TC, TOKEN_SCALE, VerdictEvent};
 
 /// Everything an event says besides the packet.
 pub struct EventInfo {
@@ -27,18 +27,20 @@ fn count(index: u32) {
     }
 }
 
-/// Takes a token from this CPU's bucket; the clock reading when one was taken, `None` when
-/// events are off or the rate is exhausted. The clock is read only when events are on.
+/// Takes a token from this CPU's bucket: false when events are off or the rate is exhausted.
+/// The clock is read only when events are on, and it is `clock`: the TC programs pass the
+/// coarse clock (a load of a kernel variable, no clock-source read). Within one tick the
+/// elapsed time is then 0 and the refill (a division) is skipped: under a flood of drops the
+/// bucket is empty on almost every packet, so this is the cost every dropped packet pays.
 #[inline(always)]
-fn take_token() -> Option<u64> {
-    let config = CONFIG.get(0)?;
+fn take_token(clock: impl Fn() -> u64) -> bool {
+    let Some(config) = CONFIG.get(0) else { return false };
     let rate = config.events_per_second as u64;
     if rate == 0 {
-        return None;
+        return false;
     }
-    let bucket = EVENT_BUCKETS.get_ptr_mut(0)?;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(bucket) = EVENT_BUCKETS.get_ptr_mut(0) else { return false };
+    let now = clock();
     let burst = (config.events_burst as u64).max(1) * TOKEN_SCALE;
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
     unsafe {
@@ -47,27 +49,36 @@ fn take_token() -> Option<u64> {
             (*bucket).tokens = burst;
             (*bucket).last_refill_ns = now;
         }
-        // Elapsed time is capped at 1 s so the product cannot overflow.
+        // Elapsed time is capped at 1 s so the product cannot overflow (the agent refuses
+        // rates above 1,000,000/s). The TC and netfilter clocks differ by at most a tick; a
+        // reading behind the last refill counts as no time elapsed.
         let elapsed = now.saturating_sub((*bucket).last_refill_ns).min(1_000_000_000);
-        let refill = elapsed * rate * TOKEN_SCALE / 1_000_000_000;
-        if refill > 0 {
-            (*bucket).tokens = ((*bucket).tokens + refill).min(burst);
-            (*bucket).last_refill_ns = now;
+        if elapsed > 0 {
+            let refill = elapsed * rate * TOKEN_SCALE / 1_000_000_000;
+            if refill > 0 {
+                (*bucket).tokens = ((*bucket).tokens + refill).min(burst);
+                (*bucket).last_refill_ns = now;
+            }
         }
         if (*bucket).tokens < TOKEN_SCALE {
             count(EVENTS_RATE_LIMITED);
-            return None;
+            return false;
         }
         (*bucket).tokens -= TOKEN_SCALE;
     }
-    Some(now)
+    true
 }
 
 /// Emits one event if the rate limit allows; `original_dst` is the pre-DNAT destination of a
 /// Service flow.
 #[inline(always)]
 pub fn emit(info: &EventInfo, packet: &Packet, original_dst: Option<(&[u8; 16], u16)>) {
-    let Some(now) = take_token() else { return };
+    // The netfilter programs may not read the coarse clock; `hook` is a constant at every
+    // (inlined) call site, so each program keeps one branch.
+    let taken = if info.hook == HOOK_TC { take_token(now_coarse) } else { take_token(now_precise) };
+    if !taken {
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         count(EVENTS_RING_FULL);
         return;
@@ -77,7 +88,7 @@ pub fn emit(info: &EventInfo, packet: &Packet, original_dst: Option<(&[u8; 16], 
         None => ([0u8; 16], 0, 0),
     };
     entry.write(VerdictEvent {
-        timestamp_ns: now,
+        timestamp_ns: now_precise(),
         ifindex: info.ifindex,
         endpoint_id: info.endpoint_id,
         revision: info.revision,
