@@ -373,12 +373,34 @@ pub struct EndpointStats {
     pub audit_bytes: [u64; 2],
 }
 
+impl EndpointStats {
+    /// Adds `other`'s counts, field by field and direction by direction.
+    pub fn add(&mut self, other: &EndpointStats) {
+        for d in 0..2 {
+            self.allowed_packets[d] += other.allowed_packets[d];
+            self.allowed_bytes[d] += other.allowed_bytes[d];
+            self.denied_packets[d] += other.denied_packets[d];
+            self.denied_bytes[d] += other.denied_bytes[d];
+            self.audit_packets[d] += other.audit_packets[d];
+            self.audit_bytes[d] += other.audit_bytes[d];
+        }
+    }
+}
+
 /// Value of the per-CPU `RULE_STATS` array (index: `EndpointInfo::rule_base[dir] + group`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleStats {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl RuleStats {
+    /// Adds `other`'s counts (per-CPU values summed, carried counts merged).
+    pub fn add(&mut self, other: &RuleStats) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
 }
 
 /// `Config::flags`: the netfilter hooks are attached, so the TC programs may defer the egress

@@ -406,7 +406,7 @@ impl Agent {
 
     pub(super) fn snapshot(&mut self) -> DataplaneSnapshot {
         let endpoints: BTreeMap<String, EndpointCounters> =
-            self.book.current().map(|p| (p.endpoint.clone(), EndpointCounters::from(&self.endpoint_totals(p)))).collect();
+            self.book.current().map(|p| (p.endpoint.clone(), self.endpoint_totals(p))).collect();
         let rules = self
             .node_rule_totals()
             .into_iter()

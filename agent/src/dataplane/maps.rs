@@ -114,14 +114,7 @@ impl KernelMaps {
         let values = self.endpoint_stats.get(&slot, 0).map_err(|source| MapsError::Access { name: "ENDPOINT_STATS", source })?;
         let mut total = EndpointStats::default();
         for v in values.iter() {
-            for d in 0..2 {
-                total.allowed_packets[d] += v.allowed_packets[d];
-                total.allowed_bytes[d] += v.allowed_bytes[d];
-                total.denied_packets[d] += v.denied_packets[d];
-                total.denied_bytes[d] += v.denied_bytes[d];
-                total.audit_packets[d] += v.audit_packets[d];
-                total.audit_bytes[d] += v.audit_bytes[d];
-            }
+            total.add(v);
         }
         Ok(total)
     }
@@ -131,8 +124,7 @@ impl KernelMaps {
         let values = self.rule_stats.get(&index, 0).map_err(|source| MapsError::Access { name: "RULE_STATS", source })?;
         let mut total = RuleStats::default();
         for v in values.iter() {
-            total.packets += v.packets;
-            total.bytes += v.bytes;
+            total.add(v);
         }
         Ok(total)
     }

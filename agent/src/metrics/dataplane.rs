@@ -9,43 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-/// Per-endpoint packet and byte counters, by direction (0 ingress, 1 egress).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndpointCounters {
-    pub allowed_packets: [u64; 2],
-    pub allowed_bytes: [u64; 2],
-    pub denied_packets: [u64; 2],
-    pub denied_bytes: [u64; 2],
-    /// Would-be drops passed by audit mode.
-    pub audit_packets: [u64; 2],
-    pub audit_bytes: [u64; 2],
-}
-
-impl EndpointCounters {
-    pub fn add(&mut self, other: &EndpointCounters) {
-        for d in 0..2 {
-            self.allowed_packets[d] += other.allowed_packets[d];
-            self.allowed_bytes[d] += other.allowed_bytes[d];
-            self.denied_packets[d] += other.denied_packets[d];
-            self.denied_bytes[d] += other.denied_bytes[d];
-            self.audit_packets[d] += other.audit_packets[d];
-            self.audit_bytes[d] += other.audit_bytes[d];
-        }
-    }
-}
-
-impl From<&netsieve_common::EndpointStats> for EndpointCounters {
-    fn from(stats: &netsieve_common::EndpointStats) -> EndpointCounters {
-        EndpointCounters {
-            allowed_packets: stats.allowed_packets,
-            allowed_bytes: stats.allowed_bytes,
-            denied_packets: stats.denied_packets,
-            denied_bytes: stats.denied_bytes,
-            audit_packets: stats.audit_packets,
-            audit_bytes: stats.audit_bytes,
-        }
-    }
-}
+/// Per-endpoint packet and byte counters, by direction (0 ingress, 1 egress): the kernel's
+/// per-slot counters summed over CPUs and carried over reprogrammings.
+pub type EndpointCounters = netsieve_common::EndpointStats;
 
 /// Packets admitted by one NetworkPolicy rule on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -37,22 +37,6 @@ pub struct RuleCount {
     pub shared: bool,
 }
 
-pub fn add_endpoint_stats(total: &mut EndpointStats, other: &EndpointStats) {
-    for d in 0..2 {
-        total.allowed_packets[d] += other.allowed_packets[d];
-        total.allowed_bytes[d] += other.allowed_bytes[d];
-        total.denied_packets[d] += other.denied_packets[d];
-        total.denied_bytes[d] += other.denied_bytes[d];
-        total.audit_packets[d] += other.audit_packets[d];
-        total.audit_bytes[d] += other.audit_bytes[d];
-    }
-}
-
-fn add_rule_stats(total: &mut RuleStats, other: &RuleStats) {
-    total.packets += other.packets;
-    total.bytes += other.bytes;
-}
-
 /// Carried counts.
 #[derive(Debug, Default)]
 pub struct CounterLedger {
@@ -68,7 +52,7 @@ impl CounterLedger {
     /// Adds the final counts of a retired programming: its endpoint slot's, and each rule
     /// counter's (`rule_stats` by `RULE_STATS` index).
     pub fn retire(&mut self, retired: &Programming, endpoint: &EndpointStats, rule_stats: impl Fn(u32) -> RuleStats) {
-        add_endpoint_stats(self.endpoints.entry(retired.endpoint.clone()).or_default(), endpoint);
+        self.endpoints.entry(retired.endpoint.clone()).or_default().add(endpoint);
         for (index, direction, origins) in retired.rule_counters() {
             let stats = rule_stats(index);
             if stats == RuleStats::default() {
@@ -76,7 +60,7 @@ impl CounterLedger {
             }
             for origin in unique(origins) {
                 let key = (retired.endpoint.clone(), RuleKey::of(origin, direction));
-                add_rule_stats(self.rules.entry(key).or_default(), &stats);
+                self.rules.entry(key).or_default().add(&stats);
             }
         }
     }
@@ -96,7 +80,7 @@ impl CounterLedger {
         let gone: Vec<(String, RuleKey)> = self.rules.keys().filter(|k| !live_rules.contains(*k)).cloned().collect();
         for key in gone {
             if let Some(stats) = self.rules.remove(&key) {
-                add_rule_stats(self.departed.entry(key.1).or_default(), &stats);
+                self.departed.entry(key.1).or_default().add(&stats);
             }
         }
         let node_rules: BTreeSet<&RuleKey> = live_rules.iter().map(|(_, rule)| rule).collect();
@@ -107,7 +91,7 @@ impl CounterLedger {
     pub fn endpoint_total(&self, pod: &str, live: &EndpointStats) -> EndpointStats {
         let mut total = *live;
         if let Some(carried) = self.endpoints.get(pod) {
-            add_endpoint_stats(&mut total, carried);
+            total.add(carried);
         }
         total
     }
@@ -122,13 +106,13 @@ impl CounterLedger {
             let shared = origins.len() > 1;
             for origin in origins {
                 let count = out.entry(RuleKey::of(origin, direction)).or_default();
-                add_rule_stats(&mut count.stats, &stats);
+                count.stats.add(&stats);
                 count.shared |= shared;
             }
         }
         for (key, count) in out.iter_mut() {
             if let Some(carried) = self.rules.get(&(programming.endpoint.clone(), key.clone())) {
-                add_rule_stats(&mut count.stats, carried);
+                count.stats.add(carried);
             }
         }
         out
@@ -141,13 +125,13 @@ impl CounterLedger {
         for programming in book.current() {
             for (key, count) in self.endpoint_rules(programming, rule_stats) {
                 let total = out.entry(key).or_default();
-                add_rule_stats(&mut total.stats, &count.stats);
+                total.stats.add(&count.stats);
                 total.shared |= count.shared;
             }
         }
         for (key, total) in out.iter_mut() {
             if let Some(departed) = self.departed.get(key) {
-                add_rule_stats(&mut total.stats, departed);
+                total.stats.add(departed);
             }
         }
         out
