@@ -433,10 +433,26 @@ impl Cluster {
     /// A TCP server in the pod that answers every connection with `ok <pod name>\n`.
     pub fn serve_tcp(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
         let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
-        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::Tcp));
+        let count = self.register(pod, port, Server::Tcp);
         let greeting = format!("ok {pod}\n");
+        self.spawn_tcp_server(&netns, addr, move |mut stream| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let _ = stream.write_all(greeting.as_bytes());
+        })
+    }
+
+    /// Runs a TCP server in `netns` until the cluster is dropped: binds `addr` (reported to
+    /// the caller, which waits for it), then hands every accepted connection to
+    /// `on_connection`.
+    fn spawn_tcp_server(
+        &mut self,
+        netns: &str,
+        addr: String,
+        mut on_connection: impl FnMut(TcpStream) + Send + 'static,
+    ) -> Result<(), NetnsError> {
+        let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
+        let handle = in_netns(netns, move || {
             let listener = match TcpListener::bind(&addr) {
                 Ok(l) => l,
                 Err(e) => {
@@ -448,10 +464,7 @@ impl Cluster {
             let _ = ready_tx.send(Ok(()));
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = stream.write_all(greeting.as_bytes());
-                    }
+                    Ok((stream, _)) => on_connection(stream),
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
@@ -459,13 +472,19 @@ impl Cluster {
         self.wait_ready(handle, ready_rx)
     }
 
-    /// A UDP server in the pod that echoes every datagram followed by ` <pod name>`.
-    pub fn serve_udp_echo(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
-        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
-        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::UdpEcho));
-        let signature = format!(" {pod}");
+    /// Runs a UDP server in `netns` until the cluster is dropped: binds `addr` (reported to
+    /// the caller, which waits for it), then hands every datagram (up to `buffer` bytes) to
+    /// `on_datagram` with the socket to answer on.
+    fn spawn_udp_server(
+        &mut self,
+        netns: &str,
+        addr: String,
+        buffer: usize,
+        mut on_datagram: impl FnMut(&UdpSocket, &[u8], SocketAddr) + Send + 'static,
+    ) -> Result<(), NetnsError> {
+        let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
+        let handle = in_netns(netns, move || {
             let socket = match UdpSocket::bind(&addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -475,17 +494,27 @@ impl Cluster {
             };
             let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
             let _ = ready_tx.send(Ok(()));
-            let mut buf = [0u8; 512];
+            let mut buf = vec![0u8; buffer];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    let mut reply = buf[..n].to_vec();
-                    reply.extend_from_slice(signature.as_bytes());
-                    let _ = socket.send_to(&reply, from);
+                    on_datagram(&socket, &buf[..n], from);
                 }
             }
         })?;
         self.wait_ready(handle, ready_rx)
+    }
+
+    /// A UDP server in the pod that echoes every datagram followed by ` <pod name>`.
+    pub fn serve_udp_echo(&mut self, pod: &str, port: u16) -> Result<(), NetnsError> {
+        let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
+        let count = self.register(pod, port, Server::UdpEcho);
+        let signature = format!(" {pod}");
+        self.spawn_udp_server(&netns, addr, 512, move |socket, datagram, from| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let mut reply = datagram.to_vec();
+            reply.extend_from_slice(signature.as_bytes());
+            let _ = socket.send_to(&reply, from);
+        })
     }
 
     /// A DNS server (kube-dns stand-in, [`crate::dns`]) on UDP and TCP port 53 of the pod,
@@ -493,56 +522,22 @@ impl Cluster {
     pub fn serve_dns(&mut self, pod: &str, records: BTreeMap<String, Ipv4Addr>) -> Result<(), NetnsError> {
         let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, 53));
         let records = Arc::new(records);
-        let (stop, count) = (self.stop.clone(), self.register(pod, 53, Server::Dns(Transport::Udp)));
-        let (name, udp_records, udp_addr) = (pod.to_string(), records.clone(), addr.clone());
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
-            let socket = match UdpSocket::bind(&udp_addr) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
-            let _ = ready_tx.send(Ok(()));
-            let mut buf = [0u8; 1500];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    count.fetch_add(1, Ordering::Relaxed);
-                    if let Some(reply) = dns::respond(&buf[..n], &name, &udp_records) {
-                        let _ = socket.send_to(&reply, from);
-                    }
-                }
+        let count = self.register(pod, 53, Server::Dns(Transport::Udp));
+        let (name, udp_records) = (pod.to_string(), records.clone());
+        self.spawn_udp_server(&netns, addr.clone(), 1500, move |socket, query, from| {
+            count.fetch_add(1, Ordering::Relaxed);
+            if let Some(reply) = dns::respond(query, &name, &udp_records) {
+                let _ = socket.send_to(&reply, from);
             }
         })?;
-        self.wait_ready(handle, ready_rx)?;
-        let (stop, count) = (self.stop.clone(), self.register(pod, 53, Server::Dns(Transport::Tcp)));
+        let count = self.register(pod, 53, Server::Dns(Transport::Tcp));
         let name = pod.to_string();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
-            let listener = match TcpListener::bind(&addr) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = listener.set_nonblocking(true);
-            let _ = ready_tx.send(Ok(()));
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        // Blocking reads (bounded by the connection's read timeout).
-                        let _ = stream.set_nonblocking(false);
-                        dns::serve_tcp_connection(stream, &name, &records);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        })?;
-        self.wait_ready(handle, ready_rx)
+        self.spawn_tcp_server(&netns, addr, move |stream| {
+            count.fetch_add(1, Ordering::Relaxed);
+            // Blocking reads (bounded by the connection's read timeout).
+            let _ = stream.set_nonblocking(false);
+            dns::serve_tcp_connection(stream, &name, &records);
+        })
     }
 
     /// An SCTP server in the pod that answers every association with `ok <pod name>\n`; fails
@@ -935,36 +930,15 @@ impl Cluster {
     /// A UDP server in the pod counting what it receives (see [`UdpCounter`]).
     pub fn serve_udp_counter(&mut self, pod: &str, port: u16) -> Result<Arc<UdpCounter>, NetnsError> {
         let (netns, addr) = (self.pod(pod).netns.clone(), self.server_addr(pod, port));
-        let stop = self.stop.clone();
         let counter = Arc::new(UdpCounter::default());
         let counts = counter.clone();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
-            let socket = match UdpSocket::bind(&addr) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let _ = socket.set_read_timeout(Some(Duration::from_millis(50)));
-            let _ = ready_tx.send(Ok(()));
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let seq = if n >= 4 { u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) } else { 0 };
-                    let sent = if n >= 12 {
-                        u64::from_be_bytes([buf[4], buf[5], buf[6], buf[7], buf[8], buf[9], buf[10], buf[11]])
-                    } else {
-                        0
-                    };
-                    if let Ok(mut map) = counts.received.lock() {
-                        map.entry(from.ip()).or_default().push((seq, sent));
-                    }
-                }
+        self.spawn_udp_server(&netns, addr, 512, move |_, datagram, from| {
+            let seq = datagram.get(..4).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let sent = datagram.get(4..12).map_or(0, |b| u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]));
+            if let Ok(mut map) = counts.received.lock() {
+                map.entry(from.ip()).or_default().push((seq, sent));
             }
         })?;
-        self.wait_ready(handle, ready_rx)?;
         Ok(counter)
     }
 }
