@@ -8,7 +8,7 @@
 #[path = "common/synthetic.rs"]
 mod synthetic;
 use netsieve_tests::fake_apiserver::FakeApiServer;
-use netsieve_tests::netns::{Cluster, in_netns};
+use netsieve_tests::netns::Cluster;
 use netsieve_tests::seed_cluster::{Agents, remove_mount_root};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -68,10 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let cluster = Cluster::new("agentbench", 1, &layout)?;
     eprintln!("{} pod namespaces built in {:?}", layout.len(), started.elapsed());
-    let listener = in_netns(&cluster.nodes[0].netns, || std::net::TcpListener::bind("127.0.0.1:0"))?
-        .join()
-        .map_err(|_| "listener thread panicked")???;
-    let api = FakeApiServer::start(vec![listener])?;
+    let api = FakeApiServer::start(cluster.node_loopback_listeners()?)?;
     for ns in 0..NAMESPACES {
         api.apply(namespace_json(ns, false));
     }

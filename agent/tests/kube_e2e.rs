@@ -12,7 +12,7 @@ mod common;
 use common::{SEED_PROBES, allowed, probe_pod};
 use netsieve::policy::{ClusterState, CompiledPolicy, Protocol, decode_object};
 use netsieve_tests::fake_apiserver::{FakeApiServer, Resource};
-use netsieve_tests::netns::{Cluster, eventually, in_netns, namespaces_with_prefix};
+use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, CACHE_STORE, PODS, layout, remove_mount_root};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -138,18 +138,7 @@ fn agents_follow_the_api_server() {
     serve_seed(&mut cluster).expect("servers");
 
     // The API server listens on each node's loopback, where that node's agent finds it.
-    let listeners: Vec<std::net::TcpListener> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            in_netns(&n.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
-                .expect("enter netns")
-                .join()
-                .expect("thread")
-                .expect("netns")
-                .expect("bind")
-        })
-        .collect();
+    let listeners = cluster.node_loopback_listeners().expect("API server listeners");
     let api = FakeApiServer::start(listeners).expect("api server");
     api.apply(yaml("{apiVersion: v1, kind: Namespace, metadata: {name: default, labels: {kubernetes.io/metadata.name: default}}}"));
     api.apply(yaml("{apiVersion: v1, kind: Namespace, metadata: {name: secure-middleware, labels: {kubernetes.io/metadata.name: secure-middleware}}}"));

@@ -22,7 +22,7 @@
 //! Needs root; touches nothing outside the namespaces it creates.
 use netsieve::node_api::{self, Request, Response};
 use netsieve_tests::fake_apiserver::FakeApiServer;
-use netsieve_tests::netns::{Cluster, PtpResult, UdpCounter, eventually, in_netns, namespaces_with_prefix, send_udp_sequence};
+use netsieve_tests::netns::{Cluster, PtpResult, UdpCounter, eventually, namespaces_with_prefix, send_udp_sequence};
 use netsieve_tests::seed_cluster::{Agents, agent_socket, remove_mount_root, write_atomically};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -432,11 +432,7 @@ fn late_pod_object_from_the_api_server() {
     let mut cluster = Cluster::new("cniapi", 2, &[("server", 1), ("client", 1)]).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
     let servers = (cluster.serve_udp_counter("server", DENIED).expect("server"), cluster.serve_udp_counter("server", ALLOWED).expect("server"));
-    let listeners: Vec<std::net::TcpListener> = cluster
-        .nodes
-        .iter()
-        .map(|n| in_netns(&n.netns, || std::net::TcpListener::bind("127.0.0.1:0")).expect("netns").join().expect("thread").expect("netns").expect("bind"))
-        .collect();
+    let listeners = cluster.node_loopback_listeners().expect("API server listeners");
     let api = FakeApiServer::start(listeners).expect("api server");
     let yaml = |text: &str| -> Value { serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(text).expect("yaml")).expect("json") };
     for ns in ["open", "isolated"] {

@@ -8,7 +8,7 @@ mod common;
 use common::services::{Case, EGRESS_CASES, INGRESS_CASES, check_cases, oracle};
 use netsieve_tests::fake_apiserver::FakeApiServer;
 use netsieve_tests::kube_proxy::{KubeProxy, ProxyMode};
-use netsieve_tests::netns::{eventually, in_netns, namespaces_with_prefix};
+use netsieve_tests::netns::{eventually, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{Agents, remove_mount_root};
 use netsieve_tests::service_cluster::{NAMESPACES, PODS, build, namespace_object, pod_object, policy_objects};
 use std::path::Path;
@@ -19,18 +19,7 @@ fn through_services_with_api_agents(tag: &str, mode: ProxyMode, cases: &[Case], 
     let prefix = format!("nsv-{}-", cluster.id);
     let proxy = KubeProxy::install(&cluster, mode).expect("kube-proxy rules");
     // The API server listens on each node's loopback, where that node's agent finds it.
-    let listeners: Vec<std::net::TcpListener> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            in_netns(&n.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
-                .expect("enter netns")
-                .join()
-                .expect("thread")
-                .expect("netns")
-                .expect("bind")
-        })
-        .collect();
+    let listeners = cluster.node_loopback_listeners().expect("API server listeners");
     let api = FakeApiServer::start(listeners).expect("api server");
     for namespace in NAMESPACES {
         api.apply(namespace_object(namespace));

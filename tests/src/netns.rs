@@ -441,6 +441,21 @@ impl Cluster {
         })
     }
 
+    /// A TCP listener on 127.0.0.1 (any port) in each node's namespace, in node order: where
+    /// each node's agent finds the fake API server (`FakeApiServer::start`).
+    pub fn node_loopback_listeners(&self) -> Result<Vec<TcpListener>, NetnsError> {
+        let bind_error = |netns: &str, stderr: String| NetnsError::Command { command: format!("bind 127.0.0.1:0 in {netns}"), stderr };
+        self.nodes
+            .iter()
+            .map(|node| {
+                in_netns(&node.netns, || TcpListener::bind("127.0.0.1:0"))?
+                    .join()
+                    .map_err(|_| bind_error(&node.netns, "thread panicked".into()))??
+                    .map_err(|e| bind_error(&node.netns, e.to_string()))
+            })
+            .collect()
+    }
+
     /// Runs a TCP server in `netns` until the cluster is dropped: binds `addr` (reported to
     /// the caller, which waits for it), then hands every accepted connection to
     /// `on_connection`.

@@ -25,7 +25,7 @@ use super::testbed::{Connectivity, NODES, Testbed, placement};
 use super::{Case, ConformanceError};
 use crate::fake_apiserver::{FakeApiServer, Resource};
 use crate::kube_proxy::ProxyMode;
-use crate::netns::{eventually, in_netns};
+use crate::netns::eventually;
 use crate::seed_cluster::{Agents, remove_mount_root, write_atomically};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -236,16 +236,7 @@ impl<'a> Session<'a> {
             }
             SourceKind::Api => {
                 // The API server listens on each node's loopback, where that node's agent finds it.
-                let mut listeners = Vec::new();
-                for node in &cluster.nodes {
-                    let listener = in_netns(&node.netns, || std::net::TcpListener::bind("127.0.0.1:0"))
-                        .map_err(|e| RunError::Agents(e.to_string()))?
-                        .join()
-                        .map_err(|_| RunError::Agents("listener thread panicked".into()))?
-                        .map_err(|e| RunError::Agents(e.to_string()))?
-                        .map_err(io("binding the API server"))?;
-                    listeners.push(listener);
-                }
+                let listeners = cluster.node_loopback_listeners().map_err(|e| RunError::Agents(e.to_string()))?;
                 let server = FakeApiServer::start(listeners).map_err(io("starting the API server"))?;
                 let mut published = BTreeMap::new();
                 for (resource, key, object) in objects(&empty)? {
