@@ -8,6 +8,10 @@
 //! - the first packet of a new flow (goal 150): a TCP SYN is always judged as a new
 //!   connection, so repeating it measures the full evaluation plus the conntrack write;
 //! - the netfilter program on an established Service flow (the extra hook of the Service path).
+//!
+//! Then the calibration programs (`netsieve_cal_*`, never attached) measure single pieces of
+//! the path on this machine: parsing, parsing plus one conntrack lookup, one hash lookup, one
+//! clock read. They show the floor any conntrack-first design pays here, against the goals.
 use netsieve::dataplane::compile::{DirectionInput, PeerInput, PortSetInput, RuleInput, RuleOrigin, compile_direction};
 use netsieve::dataplane::kernel::{self, PROGRAM_FROM_POD, PROGRAM_PASS, PROGRAM_TO_POD};
 use netsieve::dataplane::lpm::{CidrSet, to_mapped};
@@ -91,6 +95,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{:<52} {:>9.1} {:>13.1} {:>8} {:>6}", format!("{case}, {total} entries"), value + empty, value, goal_text, met);
             above.push((case, value, goal));
         }
+    }
+    // The pieces alone, on the last scenario (the flow of `established` is open).
+    let empty = measure(&mut ebpf, PROGRAM_PASS, &established, RETURN_PASS)?;
+    println!("\nwhere the time goes: calibration programs doing one piece of the path alone (ns above the empty program, same run)");
+    for (program, piece) in [
+        ("netsieve_cal_parse", "parse the frame"),
+        ("netsieve_cal_conntrack", "parse + one conntrack lookup (44-byte key, hit)"),
+        ("netsieve_cal_hash", "one hash lookup (4-byte key, hit)"),
+        ("netsieve_cal_clock", "one coarse clock read (helper call)"),
+    ] {
+        kernel::classifier(&mut ebpf, program)?.load().map_err(|e| format!("{program}: {e}"))?;
+        let cost = measure(&mut ebpf, program, &established, RETURN_PASS)? - empty;
+        println!("{piece:<52} {cost:>9.1}");
     }
     // Flat in the number of entries: the 100k case within 10% of the small one.
     let half = above.len() / 2;

@@ -46,6 +46,60 @@ pub fn netsieve_pass(_ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Calibration programs for the benchmarks (never attached): each does one piece of the packet
+/// path alone, so `cargo bench --bench dataplane` can show what that piece costs on the machine
+/// at hand (a helper call or a hash lookup costs more on a kernel with return-thunk
+/// mitigations) beside what the enforcement programs cost. Pass, or drop when the piece
+/// failed, so the bench can check the piece ran.
+pub mod calibration {
+    use super::*;
+    use netsieve_ebpf::flow::packet_key;
+    use netsieve_ebpf::maps::CONNTRACK;
+    use netsieve_ebpf::verdict::now_coarse;
+
+    /// Parsing the frame into a `Packet`.
+    #[classifier]
+    pub fn netsieve_cal_parse(ctx: TcContext) -> i32 {
+        match parse_frame(&TcFrame::new(&ctx)) {
+            Ok(Parsed::Ip(packet)) if packet.dst_port != 0 => TC_ACT_UNSPEC,
+            _ => TC_ACT_SHOT,
+        }
+    }
+
+    /// Parsing plus one conntrack lookup of the packet's flow: the floor of a conntrack-first
+    /// fast path.
+    #[classifier]
+    pub fn netsieve_cal_conntrack(ctx: TcContext) -> i32 {
+        // SAFETY: the context pointer is valid for the program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let Ok(Parsed::Ip(packet)) = parse_frame(&TcFrame::new(&ctx)) else { return TC_ACT_SHOT };
+        let flow = packet_key(ifindex, &packet);
+        // SAFETY: plain read of a map value.
+        match unsafe { CONNTRACK.get(&flow.key) } {
+            Some(_) => TC_ACT_UNSPEC,
+            None => TC_ACT_SHOT,
+        }
+    }
+
+    /// One hash-map lookup on a 4-byte key (the endpoint by interface).
+    #[classifier]
+    pub fn netsieve_cal_hash(ctx: TcContext) -> i32 {
+        // SAFETY: the context pointer is valid for the program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        // SAFETY: plain read of a map value.
+        match unsafe { ENDPOINTS.get(&ifindex) } {
+            Some(_) => TC_ACT_UNSPEC,
+            None => TC_ACT_SHOT,
+        }
+    }
+
+    /// One read of the coarse clock (a helper call).
+    #[classifier]
+    pub fn netsieve_cal_clock(_ctx: TcContext) -> i32 {
+        if now_coarse() != 0 { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    }
+}
+
 /// A dropped packet: its reason is counted where it is decided.
 struct Dropped;
 
