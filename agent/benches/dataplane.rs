@@ -104,6 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("netsieve_cal_conntrack", "parse + one conntrack lookup (44-byte key, hit)"),
         ("netsieve_cal_hash", "one hash lookup (4-byte key, hit)"),
         ("netsieve_cal_clock", "one coarse clock read (helper call)"),
+        ("netsieve_cal_clock_cached", "the same through the per-CPU jiffies cache"),
     ] {
         kernel::classifier(&mut ebpf, program)?.load().map_err(|e| format!("{program}: {e}"))?;
         let cost = measure(&mut ebpf, program, &established, RETURN_PASS)? - empty;

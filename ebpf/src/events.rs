@@ -3,7 +3,7 @@
 //! events; every event not emitted is counted by why (`EVENT_COUNTERS`).
 use crate::maps::{CONFIG, EVENT_BUCKETS, EVENT_COUNTERS, EVENTS};
 use crate::packet::Packet;
-use crate::verdict::{now_coarse, now_precise};
+use crate::verdict::{now_coarse, now_netfilter, now_precise};
 use netsieve_common::{EVENTS_EMITTED, EVENTS_RATE_LIMITED, EVENTS_RING_FULL, HOOK_TC, TOKEN_SCALE, VerdictEvent};
 
 /// Everything an event says besides the packet.
@@ -28,8 +28,8 @@ fn count(index: u32) {
 }
 
 /// Takes a token from this CPU's bucket: false when events are off or the rate is exhausted.
-/// The clock is read only when events are on, and it is `clock`: the TC programs pass the
-/// coarse clock (a load of a kernel variable, no clock-source read). Within one tick the
+/// The clock is read only when events are on, and it is `clock`: the per-tick cached clock of
+/// the hook (an inlined jiffies load and a per-CPU read on most packets). Within one tick the
 /// elapsed time is then 0 and the refill (a division) is skipped: under a flood of drops the
 /// bucket is empty on almost every packet, so this is the cost every dropped packet pays.
 #[inline(always)]
@@ -75,7 +75,7 @@ fn take_token(clock: impl Fn() -> u64) -> bool {
 pub fn emit(info: &EventInfo, packet: &Packet, original_dst: Option<(&[u8; 16], u16)>) {
     // The netfilter programs may not read the coarse clock; `hook` is a constant at every
     // (inlined) call site, so each program keeps one branch.
-    let taken = if info.hook == HOOK_TC { take_token(now_coarse) } else { take_token(now_precise) };
+    let taken = if info.hook == HOOK_TC { take_token(now_coarse) } else { take_token(now_netfilter) };
     if !taken {
         return;
     }

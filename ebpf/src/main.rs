@@ -96,6 +96,14 @@ pub mod calibration {
     /// One read of the coarse clock (a helper call).
     #[classifier]
     pub fn netsieve_cal_clock(_ctx: TcContext) -> i32 {
+        // SAFETY: no preconditions.
+        if unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } != 0 { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    }
+
+    /// One read of the clock the programs use: the coarse clock through the per-CPU jiffies
+    /// cache.
+    #[classifier]
+    pub fn netsieve_cal_clock_cached(_ctx: TcContext) -> i32 {
         if now_coarse() != 0 { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
     }
 }

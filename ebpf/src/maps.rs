@@ -44,3 +44,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 pub static EVENT_BUCKETS: PerCpuArray<TokenBucket> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "EVENT_COUNTERS")]
 pub static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNTER_COUNT, 0);
+/// Per CPU: the coarse clock's last reading and the jiffies value it was read at. The coarse
+/// clock only moves at a tick, and `bpf_jiffies64` is inlined by the verifier into a plain
+/// load, while every real helper call costs a call and a (mitigated) return: a packet reads
+/// the clock through this cache and calls the helper once per tick and CPU.
+#[map(name = "CLOCK_CACHE")]
+pub static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);

@@ -12,7 +12,7 @@
 use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
 use crate::maps::{CONNTRACK, ENDPOINTS, NF_OFFSETS, POD_ADDRESSES};
 use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
-use crate::verdict::{Judgement, Outcome, account, judge_flow, now_precise, settings, structural_drop};
+use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, settings, structural_drop};
 use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
@@ -205,7 +205,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     let original = &seen.original;
     let translated = seen.backend != original.dst || seen.backend_port != original.dst_port;
     let settings = settings();
-    let now = now_precise();
+    let now = now_netfilter();
     let flow = flow::tuple_key(ifindex, original.protocol, &original.src, original.src_port, &original.dst, original.dst_port);
     let entry = CONNTRACK.get_ptr_mut(&flow.key);
     let packet = Packet {

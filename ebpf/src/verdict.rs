@@ -3,10 +3,10 @@
 use crate::counters::{Counted, count_audit, count_drop, count_endpoint, count_rule};
 use crate::events::{EventInfo, emit};
 use crate::flow;
-use crate::maps::{CONFIG, CONNTRACK, IPCACHE, REVISIONS};
+use crate::maps::{CLOCK_CACHE, CONFIG, CONNTRACK, IPCACHE, REVISIONS};
 use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
     CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
@@ -56,19 +56,48 @@ pub fn settings() -> Settings {
     }
 }
 
-/// The clock conntrack timestamps use at TC: the coarse monotonic clock (cheap).
+/// The clock conntrack timestamps use at TC: the coarse monotonic clock, read through the
+/// per-CPU [`CLOCK_CACHE`] so that most packets pay an inlined jiffies load instead of a
+/// helper call. The cached reading trails the coarse clock by at most a tick (the tick may
+/// bump jiffies just before it updates the clock), nothing next to idle timeouts of seconds.
 #[inline(always)]
 pub fn now_coarse() -> u64 {
     // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    cached_clock(|| unsafe { bpf_ktime_get_coarse_ns() })
 }
 
-/// The same clock, precise: netfilter programs may not read the coarse one. Both are
-/// CLOCK_MONOTONIC, a jiffy apart at most, which idle timeouts of seconds do not notice.
+/// The clock of the netfilter programs, which may not read the coarse one: the precise clock
+/// through the same cache. Both are CLOCK_MONOTONIC and the cache holds a reading taken within
+/// the current tick, so TC and netfilter timestamps are a tick apart at most, which idle
+/// timeouts of seconds do not notice.
+#[inline(always)]
+pub fn now_netfilter() -> u64 {
+    cached_clock(now_precise)
+}
+
+/// The precise monotonic clock (event timestamps).
 #[inline(always)]
 pub fn now_precise() -> u64 {
     // SAFETY: no preconditions.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+/// `read`'s value from the per-CPU cache while jiffies have not moved; read and cached once
+/// per tick and CPU.
+#[inline(always)]
+fn cached_clock(read: impl Fn() -> u64) -> u64 {
+    // SAFETY: no preconditions (inlined by the verifier into a load of `jiffies`).
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cache) = CLOCK_CACHE.get_ptr_mut(0) else { return read() };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    unsafe {
+        if (*cache)[0] == jiffies && (*cache)[1] != 0 {
+            return (*cache)[1];
+        }
+        let now = read();
+        *cache = [jiffies, now];
+        now
+    }
 }
 
 #[inline(always)]
