@@ -546,44 +546,17 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         }
         let changed_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
         assert_eq!(stand_in, changed_stand_in);
-        for (key, direction, spec, flow) in &allowed_flows {
-            point_at(&mut k, stand_in[key]);
-            // The next packet of the flow (an ACK, not a new connection), then its reply.
-            let mut next = spec.clone();
-            if let L4::Tcp { flags, .. } = &mut next.l4 {
-                *flags = TCP_ACK;
-            }
-            let expected = evaluate_direction(&changed, flow, *direction).allowed;
-            let got = verdict(match direction {
-                Direction::Egress => k.run_from_pod(&next),
-                Direction::Ingress => k.run_to_pod(&next),
-            });
-            sequences += 1;
-            if got != expected {
-                disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after the change"));
-            }
-        }
+        sequences += replay_next_packets(&mut k, &allowed_flows, &changed, &changed_stand_in, point_at, |flow, direction, got| {
+            disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after the change"))
+        });
         // A restart: a new agent (new synchronizer, its own revisions) programs the same state;
         // the flows' next packets are judged again and still agree.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
         let mut sync = Synchronizer::with_capacity(Capacity::default());
         let restarted_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
-        for (key, direction, spec, flow) in &allowed_flows {
-            point_at(&mut k, restarted_stand_in[key]);
-            let mut next = spec.clone();
-            if let L4::Tcp { flags, .. } = &mut next.l4 {
-                *flags = TCP_ACK;
-            }
-            let expected = evaluate_direction(&changed, flow, *direction).allowed;
-            let got = verdict(match direction {
-                Direction::Egress => k.run_from_pod(&next),
-                Direction::Ingress => k.run_to_pod(&next),
-            });
-            sequences += 1;
-            if got != expected {
-                disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after a restart"));
-            }
-        }
+        sequences += replay_next_packets(&mut k, &allowed_flows, &changed, &restarted_stand_in, point_at, |flow, direction, got| {
+            disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after a restart"))
+        });
         // Clean maps for the next cluster: an empty node program removes every entry.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
     }
@@ -594,6 +567,35 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
     assert!(disagreements.is_empty(), "{} disagreements, first: {:#?}", disagreements.len(), &disagreements[..disagreements.len().min(5)]);
     assert!(packets >= 100_000, "only {packets} packets");
     assert!(sequences >= 400, "only {sequences} sequences");
+}
+
+/// Runs the next packet (an ACK, not a new connection) of each allowed flow on its pod's
+/// interface, judged against `state`; `disagree` gets every flow the kernel judged otherwise.
+/// Returns the number of flows replayed.
+fn replay_next_packets(
+    k: &mut Loaded,
+    flows: &[(String, Direction, PacketSpec, Flow)],
+    state: &ClusterState,
+    stand_in: &BTreeMap<String, u32>,
+    point_at: impl Fn(&mut Loaded, u32),
+    mut disagree: impl FnMut(&Flow, Direction, bool),
+) -> usize {
+    for (key, direction, spec, flow) in flows {
+        point_at(k, stand_in[key]);
+        let mut next = spec.clone();
+        if let L4::Tcp { flags, .. } = &mut next.l4 {
+            *flags = TCP_ACK;
+        }
+        let expected = evaluate_direction(state, flow, *direction).allowed;
+        let got = verdict(match direction {
+            Direction::Egress => k.run_from_pod(&next),
+            Direction::Ingress => k.run_to_pod(&next),
+        });
+        if got != expected {
+            disagree(flow, *direction, got);
+        }
+    }
+    flows.len()
 }
 
 fn l4(protocol: Protocol, sport: u16, port: u16, ipv4: bool, tcp_flags: u8) -> L4 {
