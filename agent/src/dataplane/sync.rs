@@ -269,6 +269,10 @@ pub struct Synchronizer {
     ipcache_generation: u32,
     /// `POD_ADDRESSES` as written: address (IPv4-mapped) -> ifindex.
     pod_addresses: BTreeMap<Ipv6Addr, u32>,
+    /// Set when the programmed endpoints changed since `POD_ADDRESSES` was last brought to
+    /// them (they are derived from the live endpoints alone): most syncs touch the ipcache
+    /// only and need not look at every endpoint.
+    pod_addresses_stale: bool,
     counts: EntryCounts,
     capacity: Capacity,
 }
@@ -308,6 +312,7 @@ impl Synchronizer {
             next_revision: rand::random(),
             ipcache_generation: rand::random(),
             pod_addresses: BTreeMap::new(),
+            pod_addresses_stale: false,
             counts: EntryCounts::default(),
             capacity,
         }
@@ -394,6 +399,7 @@ impl Synchronizer {
         // 3. Endpoints that are gone.
         for name in dirty.endpoints.iter().filter(|n| !target.endpoints.contains_key(*n)) {
             if let Some(old) = self.live.remove(name) {
+                self.pod_addresses_stale = true;
                 maps.remove_endpoint(old.program.ifindex).map_err(map_err(name))?;
                 self.retire(maps, &old).map_err(map_err(name))?;
                 report.endpoints_removed += 1;
@@ -460,6 +466,7 @@ impl Synchronizer {
             maps.remove_endpoint(old.program.ifindex).map_err(ProgramError::Map)?;
         }
         self.live.insert(name.to_string(), LiveEndpoint { slot, revision, rule_bases, program });
+        self.pod_addresses_stale = true;
         if let Some(old) = previous {
             self.retire(maps, &old).map_err(ProgramError::Map)?;
         }
@@ -482,6 +489,9 @@ impl Synchronizer {
     }
 
     fn sync_pod_addresses<M: PolicyMaps>(&mut self, maps: &mut M) -> Result<(), M::Error> {
+        if !self.pod_addresses_stale {
+            return Ok(());
+        }
         let mut target: BTreeMap<Ipv6Addr, u32> = BTreeMap::new();
         for live in self.live.values() {
             let program = &live.program;
@@ -501,6 +511,7 @@ impl Synchronizer {
             maps.remove_pod_address(addr)?;
             self.pod_addresses.remove(&addr);
         }
+        self.pod_addresses_stale = false;
         Ok(())
     }
 
