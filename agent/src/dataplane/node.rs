@@ -353,6 +353,17 @@ pub struct NodeCompiler {
     /// Interfaces (and the addresses the CNI result gave) programmed fail-closed until their
     /// pod is known.
     placeholders: BTreeMap<String, (u32, Vec<IpAddr>)>,
+    /// Keys of the policies with an egress rule on a named port: the only ones a change of
+    /// pods' named ports can affect. Most pods declare named ports, so without this every pod
+    /// event would look at every policy.
+    named_port_policies: BTreeSet<String>,
+}
+
+/// Whether a policy has an egress rule on a named port (resolved to destination addresses).
+fn has_egress_named_port(policy: &CompiledPolicy) -> bool {
+    policy.rules(Direction::Egress).unwrap_or_default().iter().any(|rule| {
+        rule.ports.iter().flatten().any(|p| matches!(p.port, PortSpec::Named(_)))
+    })
 }
 
 impl NodeCompiler {
@@ -367,6 +378,7 @@ impl NodeCompiler {
             failures: BTreeMap::new(),
             local: BTreeMap::new(),
             placeholders: BTreeMap::new(),
+            named_port_policies: BTreeSet::new(),
         }
     }
 
@@ -462,6 +474,8 @@ impl NodeCompiler {
     /// Compiles everything from scratch (identity numbers of label sets still in use are kept).
     pub fn full(&mut self, state: &ClusterState, interface_of: &dyn Fn(&PodInfo) -> Option<u32>) -> Dirty {
         self.ids.recount(state);
+        self.named_port_policies =
+            state.policies.iter().filter(|(_, p)| has_egress_named_port(p)).map(|(key, _)| key.clone()).collect();
         let mut dirty = Dirty::default();
         let mut addresses: BTreeSet<IpAddr> = self.program.ipcache.keys().filter_map(|n| from_host_net(*n)).collect();
         addresses.extend(selectable(state).flat_map(|p| p.ips.iter().copied()));
@@ -557,6 +571,12 @@ impl NodeCompiler {
                     }
                 }
                 ClusterChange::Policy { old, new } => {
+                    if let Some(policy) = old {
+                        self.named_port_policies.remove(&policy.key());
+                    }
+                    if let Some(policy) = new.as_ref().filter(|p| has_egress_named_port(p)) {
+                        self.named_port_policies.insert(policy.key());
+                    }
                     for policy in old.iter().chain(new.iter()) {
                         for key in self.local.keys() {
                             if state.pods.get(key).is_some_and(|p| policy.selects(p)) {
@@ -573,7 +593,13 @@ impl NodeCompiler {
         }
         if !churn.is_empty() {
             // Policies first (their number bounds the work), then the local pods they select.
-            let affected: Vec<&CompiledPolicy> = state.policies.values().filter(|p| churn.affects(state, p)).collect();
+            // A change of named ports alone (a pod declaring them came, went or moved) can only
+            // affect the policies with egress named-port rules.
+            let affected: Vec<&CompiledPolicy> = if churn.identities.is_empty() && churn.namespaces.is_empty() {
+                self.named_port_policies.iter().filter_map(|key| state.policies.get(key)).filter(|p| churn.affects(state, p)).collect()
+            } else {
+                state.policies.values().filter(|p| churn.affects(state, p)).collect()
+            };
             if !affected.is_empty() {
                 for key in self.local.keys() {
                     if recompile.contains(key) {
