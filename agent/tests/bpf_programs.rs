@@ -614,3 +614,49 @@ fn verdict(return_value: u32) -> bool {
         other => panic!("unexpected return value {other}"),
     }
 }
+
+/// Identity and port entries go to the kernel in batches: every entry of a batch lands, and a
+/// batch delete skips keys that are already gone (as the one-key delete does) and still removes
+/// the others, wherever the missing keys are.
+#[test]
+fn batched_entry_writes_land_and_batched_deletes_skip_missing_keys() {
+    use netsieve_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, PolicyIdentityKey, PolicyPortKey};
+    let mut loaded = load();
+    let maps = &mut loaded.maps;
+    let slot = 7;
+    let identity_key = |direction: u8, peer_identity: u32| PolicyIdentityKey {
+        endpoint_id: slot,
+        direction,
+        _pad1: 0,
+        _pad2: 0,
+        peer_identity,
+    };
+    let identities: Vec<(u8, u32, u64)> = (0..300u32).map(|i| (if i % 2 == 0 { DIRECTION_INGRESS } else { DIRECTION_EGRESS }, 1000 + i, u64::from(i) + 1)).collect();
+    maps.set_identities(slot, &identities).expect("batch update");
+    for (direction, identity, bits) in &identities {
+        assert_eq!(maps.identity.get(&identity_key(*direction, *identity), 0).expect("entry written").bits, *bits);
+    }
+    let ports = vec![(DIRECTION_INGRESS, PROTO_TCP, 80u16, 1u64), (DIRECTION_EGRESS, PROTO_UDP, 53, 2)];
+    maps.set_ports(slot, &ports).expect("batch update");
+    let port_key = |direction: u8, protocol: u8, port: u16| PolicyPortKey { endpoint_id: slot, direction, protocol, port };
+    assert_eq!(maps.port.get(&port_key(DIRECTION_EGRESS, PROTO_UDP, 53), 0).expect("port entry").bits, 2);
+
+    // Missing keys first, in the middle and last.
+    let mut keys: Vec<(u8, u32)> = vec![(DIRECTION_INGRESS, 1)];
+    keys.extend(identities.iter().take(150).map(|(d, i, _)| (*d, *i)));
+    keys.push((DIRECTION_EGRESS, 2));
+    keys.push((DIRECTION_EGRESS, 3));
+    keys.extend(identities.iter().skip(150).map(|(d, i, _)| (*d, *i)));
+    keys.push((DIRECTION_INGRESS, 4));
+    maps.remove_identities(slot, &keys).expect("batch delete skips missing keys");
+    for (direction, identity, _) in &identities {
+        assert!(maps.identity.get(&identity_key(*direction, *identity), 0).is_err(), "identity {identity} left behind");
+    }
+    maps.remove_ports(slot, &[(DIRECTION_INGRESS, PROTO_TCP, 80), (DIRECTION_INGRESS, PROTO_TCP, 81), (DIRECTION_EGRESS, PROTO_UDP, 53)])
+        .expect("batch delete");
+    assert!(maps.port.get(&port_key(DIRECTION_INGRESS, PROTO_TCP, 80), 0).is_err());
+    assert!(maps.port.get(&port_key(DIRECTION_EGRESS, PROTO_UDP, 53), 0).is_err());
+    // An empty batch is no call at all.
+    maps.set_identities(slot, &[]).expect("empty batch");
+    maps.remove_identities(slot, &[]).expect("empty batch");
+}

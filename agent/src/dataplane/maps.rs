@@ -1,11 +1,13 @@
 //! The maps of a loaded program, as [`PolicyMaps`] for the synchronizer plus the counters and
 //! settings the agent reads and writes. Thin: key encoding only, no policy logic.
+use super::batch;
 use super::lpm::PortPrefix;
 use super::sync::PolicyMaps;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use ipnet::Ipv6Net;
+use std::os::fd::AsFd;
 use netsieve_common::{
     Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
     PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, RuleMask, RuleStats,
@@ -153,6 +155,50 @@ fn range_key(slot: u32, direction: u8, protocol: u8, prefix: PortPrefix) -> Key<
     Key::new(POLICY_PORT_FIXED_BITS + u32::from(prefix.len), data)
 }
 
+fn batch_error(call: &'static str, io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error })
+}
+
+/// Writes `keys[i] -> values[i]` with as few system calls as the kernel allows: one batch, or
+/// entry by entry where batches are not supported.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    keys: &[K],
+    values: &[V],
+    name: &'static str,
+) -> Result<(), MapError> {
+    match batch::update(map.map().fd().as_fd(), keys, values) {
+        Ok(()) => Ok(()),
+        Err(error) if error.unsupported() => {
+            keys.iter().zip(values).try_for_each(|(key, value)| map.insert(key, value, 0))
+        }
+        Err(error) => {
+            tracing::debug!(map = name, done = error.done, error = %error.error, "batch update stopped");
+            Err(batch_error("bpf_map_update_batch", error.error))
+        }
+    }
+}
+
+/// Deletes `keys`; keys already gone are skipped, as [`ignore_missing`] does for one key.
+fn delete_batch<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, keys: &[K], name: &'static str) -> Result<(), MapError> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        match batch::delete(map.map().fd().as_fd(), rest) {
+            Ok(()) => return Ok(()),
+            // The kernel stops at a missing key: skip it, go on with the next.
+            Err(error) if error.error.raw_os_error() == Some(libc::ENOENT) => rest = &rest[(error.done + 1).min(rest.len())..],
+            Err(error) if error.unsupported() => {
+                return rest.iter().try_for_each(|key| ignore_missing(map.remove(key)));
+            }
+            Err(error) => {
+                tracing::debug!(map = name, done = error.done, error = %error.error, "batch delete stopped");
+                return Err(batch_error("bpf_map_delete_batch", error.error));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A delete of a key that is already gone is not an error: sync may retry after a failure.
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
@@ -212,6 +258,25 @@ impl PolicyMaps for KernelMaps {
     }
     fn remove_port_range(&mut self, slot: u32, dir: u8, protocol: u8, prefix: PortPrefix) -> Result<(), MapError> {
         ignore_missing(self.port_range.remove(&range_key(slot, dir, protocol, prefix)))
+    }
+    fn set_identities(&mut self, slot: u32, entries: &[(u8, u32, u64)]) -> Result<(), MapError> {
+        let keys: Vec<PolicyIdentityKey> = entries.iter().map(|(dir, identity, _)| identity_key(slot, *dir, *identity)).collect();
+        let values: Vec<RuleMask> = entries.iter().map(|(_, _, bits)| RuleMask { bits: *bits }).collect();
+        update_batch(&mut self.identity, &keys, &values, "POLICY_IDENTITY")
+    }
+    fn remove_identities(&mut self, slot: u32, keys: &[(u8, u32)]) -> Result<(), MapError> {
+        let keys: Vec<PolicyIdentityKey> = keys.iter().map(|(dir, identity)| identity_key(slot, *dir, *identity)).collect();
+        delete_batch(&mut self.identity, &keys, "POLICY_IDENTITY")
+    }
+    fn set_ports(&mut self, slot: u32, entries: &[(u8, u8, u16, u64)]) -> Result<(), MapError> {
+        let keys: Vec<PolicyPortKey> =
+            entries.iter().map(|(dir, protocol, port, _)| port_key(slot, *dir, *protocol, *port)).collect();
+        let values: Vec<RuleMask> = entries.iter().map(|(_, _, _, bits)| RuleMask { bits: *bits }).collect();
+        update_batch(&mut self.port, &keys, &values, "POLICY_PORT")
+    }
+    fn remove_ports(&mut self, slot: u32, keys: &[(u8, u8, u16)]) -> Result<(), MapError> {
+        let keys: Vec<PolicyPortKey> = keys.iter().map(|(dir, protocol, port)| port_key(slot, *dir, *protocol, *port)).collect();
+        delete_batch(&mut self.port, &keys, "POLICY_PORT")
     }
     fn reset_counters(&mut self, slot: u32, rules: &[std::ops::Range<u32>]) -> Result<(), MapError> {
         if self.residue.is_some() {

@@ -1,6 +1,7 @@
 //! The dataplane: the pure compiler from policy to map entries, the synchronizer that writes
 //! them without gaps, and thin kernel-facing code (object loading, maps, bpffs).
 pub mod attach;
+pub mod batch;
 pub mod bpffs;
 pub mod compile;
 pub mod conntrack;

@@ -25,21 +25,23 @@ pub type LabelSet = (String, Labels);
 /// does not rewrite every endpoint. Two pods with the same namespace and labels are
 /// indistinguishable to every selector, so they share an identity. Each identity counts the
 /// selectable pods holding it; an identity lives while that count is positive.
+///
+/// Keyed by namespace, then labels, so that lookups (one per address on a full recompilation,
+/// one per namespace a selector peer scans) borrow the pod's strings instead of cloning them.
 #[derive(Debug, Default, Clone)]
 pub struct IdentityAllocator {
-    by_label_set: BTreeMap<LabelSet, (u32, usize)>,
+    by_namespace: BTreeMap<String, BTreeMap<Labels, (u32, usize)>>,
     next: u32,
 }
 
 impl IdentityAllocator {
     /// The identity of a pod's label set, allocating one if needed (without counting the pod).
     pub fn identity(&mut self, pod: &PodInfo) -> u32 {
-        let key = (pod.namespace.clone(), pod.labels.clone());
-        if let Some((id, _)) = self.by_label_set.get(&key) {
-            return *id;
+        if let Some(id) = self.get(&pod.namespace, &pod.labels) {
+            return id;
         }
         let id = self.allocate();
-        self.by_label_set.insert(key, (id, 0));
+        self.by_namespace.entry(pod.namespace.clone()).or_default().insert(pod.labels.clone(), (id, 0));
         id
     }
 
@@ -50,29 +52,30 @@ impl IdentityAllocator {
     }
 
     pub fn get(&self, namespace: &str, labels: &Labels) -> Option<u32> {
-        // BTreeMap lookups need an owned tuple key; label sets are small.
-        self.by_label_set.get(&(namespace.to_string(), labels.clone())).map(|(id, _)| *id)
+        self.by_namespace.get(namespace)?.get(labels).map(|(id, _)| *id)
     }
 
     /// Counts one more selectable pod with this label set; true if the identity is new.
     fn acquire(&mut self, pod: &PodInfo) -> bool {
-        let key = (pod.namespace.clone(), pod.labels.clone());
-        if let Some((_, count)) = self.by_label_set.get_mut(&key) {
+        if let Some((_, count)) = self.by_namespace.get_mut(&pod.namespace).and_then(|sets| sets.get_mut(&pod.labels)) {
             *count += 1;
             return *count == 1;
         }
         let id = self.allocate();
-        self.by_label_set.insert(key, (id, 1));
+        self.by_namespace.entry(pod.namespace.clone()).or_default().insert(pod.labels.clone(), (id, 1));
         true
     }
 
     /// Counts one selectable pod less; true if the identity is gone.
     fn release(&mut self, pod: &PodInfo) -> bool {
-        let key = (pod.namespace.clone(), pod.labels.clone());
-        let Some((_, count)) = self.by_label_set.get_mut(&key) else { return false };
+        let Some(sets) = self.by_namespace.get_mut(&pod.namespace) else { return false };
+        let Some((_, count)) = sets.get_mut(&pod.labels) else { return false };
         *count = count.saturating_sub(1);
         if *count == 0 {
-            self.by_label_set.remove(&key);
+            sets.remove(&pod.labels);
+            if sets.is_empty() {
+                self.by_namespace.remove(&pod.namespace);
+            }
             return true;
         }
         false
@@ -80,30 +83,36 @@ impl IdentityAllocator {
 
     /// Recounts from scratch: keeps the numbers of label sets still in use, forgets the rest.
     pub fn recount(&mut self, state: &ClusterState) {
-        for (_, count) in self.by_label_set.values_mut() {
-            *count = 0;
+        for sets in self.by_namespace.values_mut() {
+            for (_, count) in sets.values_mut() {
+                *count = 0;
+            }
         }
         for pod in state.pods.values().filter(|p| p.selectable()) {
             self.acquire(pod);
         }
-        self.by_label_set.retain(|_, (_, count)| *count > 0);
+        for sets in self.by_namespace.values_mut() {
+            sets.retain(|_, (_, count)| *count > 0);
+        }
+        self.by_namespace.retain(|_, sets| !sets.is_empty());
     }
 
-    /// Live identities of one namespace (label sets are ordered by namespace first).
-    pub fn live_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = (&'a LabelSet, u32)> + 'a {
-        self.by_label_set
-            .range((namespace.to_string(), Labels::new())..)
-            .take_while(move |((ns, _), _)| ns == namespace)
+    /// Live identities of one namespace: (labels, identity).
+    pub fn live_in<'a>(&'a self, namespace: &str) -> impl Iterator<Item = (&'a Labels, u32)> + 'a {
+        self.by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
             .filter(|(_, (_, count))| *count > 0)
-            .map(|(k, (id, _))| (k, *id))
+            .map(|(labels, (id, _))| (labels, *id))
     }
 
     pub fn len(&self) -> usize {
-        self.by_label_set.len()
+        self.by_namespace.values().map(BTreeMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_label_set.is_empty()
+        self.by_namespace.is_empty()
     }
 }
 
@@ -183,11 +192,13 @@ fn translate_rule(
                     PeerInput::Identities(
                         candidates
                             .into_iter()
-                            .flat_map(|namespace| ids.live_in(namespace))
-                            .filter(|((namespace, labels), _)| {
-                                state.peer_selects_labels(peer, policy_namespace, namespace, labels)
+                            .flat_map(|namespace| {
+                                ids.live_in(namespace)
+                                    .filter(move |(labels, _)| {
+                                        state.peer_selects_labels(peer, policy_namespace, namespace, labels)
+                                    })
+                                    .map(|(_, id)| id)
                             })
-                            .map(|(_, id)| id)
                             .collect(),
                     )
                 }
@@ -342,6 +353,17 @@ pub struct NodeCompiler {
     /// Interfaces (and the addresses the CNI result gave) programmed fail-closed until their
     /// pod is known.
     placeholders: BTreeMap<String, (u32, Vec<IpAddr>)>,
+    /// Keys of the policies with an egress rule on a named port: the only ones a change of
+    /// pods' named ports can affect. Most pods declare named ports, so without this every pod
+    /// event would look at every policy.
+    named_port_policies: BTreeSet<String>,
+}
+
+/// Whether a policy has an egress rule on a named port (resolved to destination addresses).
+fn has_egress_named_port(policy: &CompiledPolicy) -> bool {
+    policy.rules(Direction::Egress).unwrap_or_default().iter().any(|rule| {
+        rule.ports.iter().flatten().any(|p| matches!(p.port, PortSpec::Named(_)))
+    })
 }
 
 impl NodeCompiler {
@@ -356,6 +378,7 @@ impl NodeCompiler {
             failures: BTreeMap::new(),
             local: BTreeMap::new(),
             placeholders: BTreeMap::new(),
+            named_port_policies: BTreeSet::new(),
         }
     }
 
@@ -451,6 +474,8 @@ impl NodeCompiler {
     /// Compiles everything from scratch (identity numbers of label sets still in use are kept).
     pub fn full(&mut self, state: &ClusterState, interface_of: &dyn Fn(&PodInfo) -> Option<u32>) -> Dirty {
         self.ids.recount(state);
+        self.named_port_policies =
+            state.policies.iter().filter(|(_, p)| has_egress_named_port(p)).map(|(key, _)| key.clone()).collect();
         let mut dirty = Dirty::default();
         let mut addresses: BTreeSet<IpAddr> = self.program.ipcache.keys().filter_map(|n| from_host_net(*n)).collect();
         addresses.extend(selectable(state).flat_map(|p| p.ips.iter().copied()));
@@ -546,6 +571,12 @@ impl NodeCompiler {
                     }
                 }
                 ClusterChange::Policy { old, new } => {
+                    if let Some(policy) = old {
+                        self.named_port_policies.remove(&policy.key());
+                    }
+                    if let Some(policy) = new.as_ref().filter(|p| has_egress_named_port(p)) {
+                        self.named_port_policies.insert(policy.key());
+                    }
                     for policy in old.iter().chain(new.iter()) {
                         for key in self.local.keys() {
                             if state.pods.get(key).is_some_and(|p| policy.selects(p)) {
@@ -562,7 +593,13 @@ impl NodeCompiler {
         }
         if !churn.is_empty() {
             // Policies first (their number bounds the work), then the local pods they select.
-            let affected: Vec<&CompiledPolicy> = state.policies.values().filter(|p| churn.affects(state, p)).collect();
+            // A change of named ports alone (a pod declaring them came, went or moved) can only
+            // affect the policies with egress named-port rules.
+            let affected: Vec<&CompiledPolicy> = if churn.identities.is_empty() && churn.namespaces.is_empty() {
+                self.named_port_policies.iter().filter_map(|key| state.policies.get(key)).filter(|p| churn.affects(state, p)).collect()
+            } else {
+                state.policies.values().filter(|p| churn.affects(state, p)).collect()
+            };
             if !affected.is_empty() {
                 for key in self.local.keys() {
                     if recompile.contains(key) {

@@ -150,6 +150,23 @@ pub trait PolicyMaps {
     -> Result<(), Self::Error>;
     fn remove_port_range(&mut self, slot: u32, direction: u8, protocol: u8, prefix: PortPrefix)
     -> Result<(), Self::Error>;
+    /// Several identity entries of one slot: (direction, peer identity, rule bits). The kernel
+    /// maps write them in one system call; this default writes them one by one.
+    fn set_identities(&mut self, slot: u32, entries: &[(u8, u32, u64)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(direction, identity, bits)| self.set_identity(slot, *direction, *identity, *bits))
+    }
+    /// Removes several identity entries of one slot: (direction, peer identity).
+    fn remove_identities(&mut self, slot: u32, keys: &[(u8, u32)]) -> Result<(), Self::Error> {
+        keys.iter().try_for_each(|(direction, identity)| self.remove_identity(slot, *direction, *identity))
+    }
+    /// Several port entries of one slot: (direction, protocol, port, rule bits).
+    fn set_ports(&mut self, slot: u32, entries: &[(u8, u8, u16, u64)]) -> Result<(), Self::Error> {
+        entries.iter().try_for_each(|(direction, protocol, port, bits)| self.set_port(slot, *direction, *protocol, *port, *bits))
+    }
+    /// Removes several port entries of one slot: (direction, protocol, port).
+    fn remove_ports(&mut self, slot: u32, keys: &[(u8, u8, u16)]) -> Result<(), Self::Error> {
+        keys.iter().try_for_each(|(direction, protocol, port)| self.remove_port(slot, *direction, *protocol, *port))
+    }
     /// Zeroes the counters of a slot and of rule counters `rules` before they are reused.
     fn reset_counters(&mut self, slot: u32, rules: &[std::ops::Range<u32>]) -> Result<(), Self::Error>;
 }
@@ -252,6 +269,10 @@ pub struct Synchronizer {
     ipcache_generation: u32,
     /// `POD_ADDRESSES` as written: address (IPv4-mapped) -> ifindex.
     pod_addresses: BTreeMap<Ipv6Addr, u32>,
+    /// Set when the programmed endpoints changed since `POD_ADDRESSES` was last brought to
+    /// them (they are derived from the live endpoints alone): most syncs touch the ipcache
+    /// only and need not look at every endpoint.
+    pod_addresses_stale: bool,
     counts: EntryCounts,
     capacity: Capacity,
 }
@@ -291,6 +312,7 @@ impl Synchronizer {
             next_revision: rand::random(),
             ipcache_generation: rand::random(),
             pod_addresses: BTreeMap::new(),
+            pod_addresses_stale: false,
             counts: EntryCounts::default(),
             capacity,
         }
@@ -377,6 +399,7 @@ impl Synchronizer {
         // 3. Endpoints that are gone.
         for name in dirty.endpoints.iter().filter(|n| !target.endpoints.contains_key(*n)) {
             if let Some(old) = self.live.remove(name) {
+                self.pod_addresses_stale = true;
                 maps.remove_endpoint(old.program.ifindex).map_err(map_err(name))?;
                 self.retire(maps, &old).map_err(map_err(name))?;
                 report.endpoints_removed += 1;
@@ -443,6 +466,7 @@ impl Synchronizer {
             maps.remove_endpoint(old.program.ifindex).map_err(ProgramError::Map)?;
         }
         self.live.insert(name.to_string(), LiveEndpoint { slot, revision, rule_bases, program });
+        self.pod_addresses_stale = true;
         if let Some(old) = previous {
             self.retire(maps, &old).map_err(ProgramError::Map)?;
         }
@@ -465,6 +489,9 @@ impl Synchronizer {
     }
 
     fn sync_pod_addresses<M: PolicyMaps>(&mut self, maps: &mut M) -> Result<(), M::Error> {
+        if !self.pod_addresses_stale {
+            return Ok(());
+        }
         let mut target: BTreeMap<Ipv6Addr, u32> = BTreeMap::new();
         for live in self.live.values() {
             let program = &live.program;
@@ -484,6 +511,7 @@ impl Synchronizer {
             maps.remove_pod_address(addr)?;
             self.pod_addresses.remove(&addr);
         }
+        self.pod_addresses_stale = false;
         Ok(())
     }
 
@@ -523,19 +551,25 @@ impl Synchronizer {
         None
     }
 
+    /// Writes every entry of a programming under `slot`. Identity and port entries (nearly all
+    /// of them) go to the maps one batch per map, not one system call per entry.
     fn write_entries<M: PolicyMaps>(&mut self, maps: &mut M, slot: u32, program: &EndpointProgram) -> Result<(), M::Error> {
+        let mut identities = Vec::new();
+        let mut ports = Vec::new();
         for (direction, entries) in program.directions() {
-            for (identity, bits) in &entries.identity {
-                maps.set_identity(slot, direction, *identity, *bits)?;
-                self.counts.identity += 1;
-            }
+            identities.extend(entries.identity.iter().map(|(identity, bits)| (direction, *identity, *bits)));
+            ports.extend(entries.port.iter().map(|((protocol, port), bits)| (direction, *protocol, *port, *bits)));
+        }
+        // Counted before the write, so that retiring a programming whose write failed part-way
+        // takes off exactly what it added.
+        self.counts.identity += identities.len();
+        maps.set_identities(slot, &identities)?;
+        self.counts.port += ports.len();
+        maps.set_ports(slot, &ports)?;
+        for (direction, entries) in program.directions() {
             for (net, bits) in &entries.cidr {
                 maps.set_cidr(slot, direction, *net, *bits)?;
                 self.counts.cidr += 1;
-            }
-            for ((protocol, port), bits) in &entries.port {
-                maps.set_port(slot, direction, *protocol, *port, *bits)?;
-                self.counts.port += 1;
             }
             for ((protocol, prefix), bits) in &entries.port_ranges {
                 maps.set_port_range(slot, direction, *protocol, *prefix, *bits)?;
@@ -546,18 +580,20 @@ impl Synchronizer {
     }
 
     fn delete_entries<M: PolicyMaps>(&mut self, maps: &mut M, slot: u32, program: &EndpointProgram) -> Result<(), M::Error> {
+        let mut identities = Vec::new();
+        let mut ports = Vec::new();
         for (direction, entries) in program.directions() {
-            for identity in entries.identity.keys() {
-                maps.remove_identity(slot, direction, *identity)?;
-                self.counts.identity = self.counts.identity.saturating_sub(1);
-            }
+            identities.extend(entries.identity.keys().map(|identity| (direction, *identity)));
+            ports.extend(entries.port.keys().map(|(protocol, port)| (direction, *protocol, *port)));
+        }
+        maps.remove_identities(slot, &identities)?;
+        self.counts.identity = self.counts.identity.saturating_sub(identities.len());
+        maps.remove_ports(slot, &ports)?;
+        self.counts.port = self.counts.port.saturating_sub(ports.len());
+        for (direction, entries) in program.directions() {
             for net in entries.cidr.keys() {
                 maps.remove_cidr(slot, direction, *net)?;
                 self.counts.cidr = self.counts.cidr.saturating_sub(1);
-            }
-            for (protocol, port) in entries.port.keys() {
-                maps.remove_port(slot, direction, *protocol, *port)?;
-                self.counts.port = self.counts.port.saturating_sub(1);
             }
             for (protocol, prefix) in entries.port_ranges.keys() {
                 maps.remove_port_range(slot, direction, *protocol, *prefix)?;
