@@ -372,10 +372,20 @@ fn audit_mode_passes_traffic_and_reports_it() {
     let (_, text, _) = run(&["status", "--socket", socket_text.as_str()]);
     assert!(text.contains("audit mode: ON, namespaces secure-middleware"), "{text}");
     // Metrics and /readyz say it, so nobody mistakes it for enforcement.
-    let metrics = cluster.http_get(0, 9090, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    // The agent refreshes its metrics from the kernel counters every 500 ms, while status read
+    // them just now: wait (bounded) for the snapshot that includes the audited packet.
+    let audited_metric = "netsieve_audit_total{direction=\"ingress\",reason=\"policy_denied\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let body = cluster.http_get(0, 9090, "/metrics").map(|(_, body)| body).unwrap_or_default();
+        if metric(&body, audited_metric).is_some_and(|n| n >= 1.0) || Instant::now() >= deadline {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(metric(&metrics, "netsieve_audit_mode"), Some(1.0), "{metrics}");
     assert_eq!(metric(&metrics, "netsieve_audit_namespace{namespace=\"secure-middleware\"}"), Some(1.0));
-    assert!(metric(&metrics, "netsieve_audit_total{direction=\"ingress\",reason=\"policy_denied\"}").is_some_and(|n| n >= 1.0));
+    assert!(metric(&metrics, audited_metric).is_some_and(|n| n >= 1.0), "{metrics}");
     assert_eq!(metric(&metrics, "netsieve_drops_total{direction=\"ingress\",reason=\"policy_denied\"}").map(|n| n >= 1.0), Some(true));
     let ready = cluster.http_get(0, 9090, "/readyz");
     assert_eq!(ready, Some((200, "ready (audit mode: namespaces secure-middleware)\n".to_string())));
