@@ -20,7 +20,7 @@ use netsieve::dataplane::netfilter::{self, NetfilterProgram, TEST_HOOK_POST_ROUT
 use netsieve::dataplane::packet::{L4, PacketSpec, TCP_ACK, TCP_SYN};
 use netsieve::dataplane::sync::{Capacity, EndpointProgram, NodeProgram, PolicyMaps, Synchronizer};
 use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier};
-use netsieve_common::{CONFIG_NETFILTER_ACTIVE, IpcacheValue, PROTO_TCP};
+use netsieve_common::{CONFIG_EGRESS_ENFORCED, CONFIG_NETFILTER_ACTIVE, IpcacheValue, PROTO_TCP};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -65,7 +65,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let info = maps.endpoints.get(&LO, 0).map_err(|e| format!("endpoint: {e}"))?;
         // The netfilter test runner's skb enters by interface 0.
         maps.set_endpoint(0, info).map_err(|e| format!("endpoint 0: {e}"))?;
-        maps.set_settings(CONFIG_NETFILTER_ACTIVE, 0, 0).map_err(|e| format!("settings: {e}"))?;
+        // The synchronizer set CONFIG_EGRESS_ENFORCED (the endpoint's egress is isolated).
+        let enforced = maps.config().flags & CONFIG_EGRESS_ENFORCED;
+        maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 0, 0).map_err(|e| format!("settings: {e}"))?;
         let counts = sync.entry_counts();
         let total = counts.identity + counts.cidr + counts.port + counts.port_range;
         let empty = measure(&mut ebpf, PROGRAM_PASS, &established, RETURN_PASS)?;
@@ -76,9 +78,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let drop = measure(&mut ebpf, PROGRAM_TO_POD, &denied, RETURN_DROP)? - empty;
         // The agent's default: events on at 1000/s per CPU. A flood of drops then finds the
         // token bucket empty on almost every packet: what a denied packet costs in production.
-        maps.set_settings(CONFIG_NETFILTER_ACTIVE, 1000, 1000).map_err(|e| format!("settings: {e}"))?;
+        maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 1000, 1000).map_err(|e| format!("settings: {e}"))?;
         let drop_events = measure(&mut ebpf, PROGRAM_TO_POD, &denied, RETURN_DROP)? - empty;
-        maps.set_settings(CONFIG_NETFILTER_ACTIVE, 0, 0).map_err(|e| format!("settings: {e}"))?;
+        maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 0, 0).map_err(|e| format!("settings: {e}"))?;
         let new_flow = measure(&mut ebpf, PROGRAM_TO_POD, &syn, RETURN_PASS)? - empty;
         let nf = measure_netfilter(&netfilter_program, &service)? - empty;
         println!("{:<52} {:>9.1} {:>13} {:>8} {:>6}", format!("empty TC program ({label}, {total} entries)"), empty, "", "", "");

@@ -18,7 +18,7 @@ use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier_from
 use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, PodInfo, Protocol, evaluate_direction};
 use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
-    CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
+    CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN, REASON_MALFORMED, REASON_NO_ENDPOINT,
     REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
@@ -107,8 +107,10 @@ impl Loaded {
         let info = self.maps.endpoints.get(&LO, 0).expect("endpoint");
         self.maps.set_endpoint(NF_IFINDEX, info).expect("endpoint for the netfilter runner");
     }
+    /// Writes the agent's settings; `CONFIG_EGRESS_ENFORCED` stays as the synchronizer left it.
     fn settings(&mut self, flags: u32, events_per_second: u32, burst: u32) {
-        self.maps.set_settings(flags, events_per_second, burst).expect("settings");
+        let enforced = self.maps.config().flags & CONFIG_EGRESS_ENFORCED;
+        self.maps.set_settings(flags | enforced, events_per_second, burst).expect("settings");
     }
 }
 
@@ -431,6 +433,14 @@ fn deferred_egress_is_judged_by_the_netfilter_program_on_the_backend() {
     assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.3", 6000, 53)), NF_DROP, "denied backend");
     assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.2", 6000, 54)), NF_DROP, "allowed backend, other targetPort");
     assert_eq!(k.drops(REASON_POLICY_DENIED, 1), 4);
+    // Without CONFIG_EGRESS_ENFORCED (the synchronizer clears it when no endpoint enforces
+    // egress) the netfilter program accepts before any lookup, and TC, which then must not
+    // defer, judges the Service address itself: a wrong flag fails closed, never open.
+    assert_ne!(k.maps.config().flags & CONFIG_EGRESS_ENFORCED, 0, "set by the synchronizer");
+    k.maps.set_settings(CONFIG_NETFILTER_ACTIVE, 0, 0).expect("settings");
+    assert_eq!(k.netfilter(&udp("10.0.0.1", "10.0.0.3", 6000, 53)), NF_ACCEPT);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.96.0.10", 6003, 53)), RETURN_DROP);
+    assert_eq!(k.drops(REASON_POLICY_DENIED, 1), 5);
 }
 
 /// What one random cluster asks of the kernel: for every pod, every peer, protocol, port and

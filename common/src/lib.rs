@@ -409,6 +409,15 @@ impl RuleStats {
 pub const CONFIG_NETFILTER_ACTIVE: u32 = 1 << 0;
 /// `Config::flags`: emit an event for the first packet of every allowed flow.
 pub const CONFIG_EVENTS_ALLOWED: u32 = 1 << 1;
+/// `Config::flags`: some local endpoint has an isolated egress or is fail-closed, so the
+/// netfilter programs have something to judge. Clear, they accept every packet before any
+/// helper call (an ingress-only node pays almost nothing for them). The TC programs defer only
+/// while this and [`CONFIG_NETFILTER_ACTIVE`] are both set, so a flag wrongly clear fails
+/// closed (TC judges the Service address), never open. The synchronizer sets it before it
+/// writes the first such endpoint and clears it after the last one is gone.
+pub const CONFIG_EGRESS_ENFORCED: u32 = 1 << 2;
+/// The flags under which TC defers egress verdicts to the netfilter programs.
+pub const CONFIG_DEFERRAL: u32 = CONFIG_NETFILTER_ACTIVE | CONFIG_EGRESS_ENFORCED;
 
 /// The single value of the `CONFIG` array.
 #[repr(C)]

@@ -16,7 +16,7 @@ use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, set
 use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
-    CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
+    CONFIG_EGRESS_ENFORCED, CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
     FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NO_RULE, NfOffsets, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_MALFORMED,
 };
@@ -164,6 +164,11 @@ fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
 pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     let Some(offsets) = NF_OFFSETS.get(0) else { return NF_ACCEPT };
     if offsets.ready == 0 {
+        return NF_ACCEPT;
+    }
+    // No local pod whose egress is enforced: nothing here can be dropped, and this check is an
+    // array read, before any helper call.
+    if settings().flags & CONFIG_EGRESS_ENFORCED == 0 {
         return NF_ACCEPT;
     }
     // SAFETY: the caller passes the kernel's context; `skb` is its second field.

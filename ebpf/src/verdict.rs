@@ -8,7 +8,7 @@ use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
-    CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
+    CONFIG_DEFERRAL, CONFIG_EVENTS_ALLOWED, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
     FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
     IDENTITY_WORLD, NO_REVISION, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
@@ -285,7 +285,7 @@ pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet) -> (FlowContext
     if s.flags & FLOW_DEFERRED != 0 {
         if forward {
             // Forward packets of a deferred flow are the netfilter hook's to judge.
-            if context.settings.flags & CONFIG_NETFILTER_ACTIVE == 0 {
+            if context.settings.flags & CONFIG_DEFERRAL != CONFIG_DEFERRAL {
                 return (context, Lookup::Entry(state));
             }
             // SAFETY: as above.
@@ -336,7 +336,7 @@ pub fn judge_tc_packet(
     let settings = &context.settings;
     let now = context.now;
     let flow = &context.flow;
-    let netfilter_active = settings.flags & CONFIG_NETFILTER_ACTIVE != 0;
+    let netfilter_active = settings.flags & CONFIG_DEFERRAL == CONFIG_DEFERRAL;
     // A packet answering a deferred flow the netfilter hook has not confirmed is judged on its
     // own, without replacing that flow's entry.
     let mut may_record = true;

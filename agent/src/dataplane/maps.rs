@@ -9,7 +9,7 @@ use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, Per
 use ipnet::Ipv6Net;
 use std::os::fd::AsFd;
 use netsieve_common::{
-    Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
+    CONFIG_EGRESS_ENFORCED, Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
     PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, RuleMask, RuleStats,
 };
 
@@ -225,6 +225,10 @@ impl PolicyMaps for KernelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), MapError> {
         let config = Config { ipcache_generation: generation, ..self.config };
         self.write_config(config)
+    }
+    fn set_egress_enforced(&mut self, on: bool) -> Result<(), MapError> {
+        let flags = if on { self.config.flags | CONFIG_EGRESS_ENFORCED } else { self.config.flags & !CONFIG_EGRESS_ENFORCED };
+        self.write_config(Config { flags, ..self.config })
     }
     fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), MapError> {
         self.revisions.set(slot, revision, 0)

@@ -993,6 +993,9 @@ mod tests {
                 sync.sync_dirty(&mut maps, compiler.program(), &dirty).expect("sync");
                 let leftover = sync.sync(&mut maps, compiler.program()).expect("sync");
                 assert_eq!(leftover, Default::default(), "seed {seed}: dirty set missed something");
+                let enforces_egress = compiler.program().endpoints.values().any(|e| e.enforces_egress());
+                assert_eq!(maps.egress_enforced, enforces_egress, "seed {seed}: CONFIG_EGRESS_ENFORCED");
+                assert_eq!(maps.unguarded_egress_writes, 0, "seed {seed}: an egress-enforcing endpoint before the flag");
                 batches += 1;
             }
         }

@@ -81,6 +81,12 @@ impl EndpointProgram {
     }
 
     /// The fail-closed form of this endpoint: both directions isolated, no rules.
+    /// Whether the netfilter programs have anything to judge for this endpoint: its egress is
+    /// isolated, or it fails closed.
+    pub fn enforces_egress(&self) -> bool {
+        self.egress.isolated || self.fail_closed
+    }
+
     pub fn failed_closed(&self) -> EndpointProgram {
         EndpointProgram {
             fail_closed: true,
@@ -135,6 +141,8 @@ pub trait PolicyMaps {
     fn remove_ipcache(&mut self, net: Ipv6Net) -> Result<(), Self::Error>;
     /// Makes conntrack entries taken under older ipcache contents stale.
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error>;
+    /// Sets or clears `CONFIG_EGRESS_ENFORCED`, keeping the other settings.
+    fn set_egress_enforced(&mut self, on: bool) -> Result<(), Self::Error>;
     /// The revision now programmed in an endpoint slot (`REVISIONS`; `NO_REVISION` = free).
     fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), Self::Error>;
     /// A local pod's own address and its interface (`POD_ADDRESSES`).
@@ -273,6 +281,9 @@ pub struct Synchronizer {
     /// them (they are derived from the live endpoints alone): most syncs touch the ipcache
     /// only and need not look at every endpoint.
     pod_addresses_stale: bool,
+    /// `CONFIG_EGRESS_ENFORCED` as written: some programmed endpoint enforces egress (isolated
+    /// or fail-closed), so the netfilter programs have work.
+    egress_enforced: bool,
     counts: EntryCounts,
     capacity: Capacity,
 }
@@ -313,6 +324,7 @@ impl Synchronizer {
             ipcache_generation: rand::random(),
             pod_addresses: BTreeMap::new(),
             pod_addresses_stale: false,
+            egress_enforced: false,
             counts: EntryCounts::default(),
             capacity,
         }
@@ -389,6 +401,11 @@ impl Synchronizer {
             if effective.fail_closed {
                 report.endpoints_failed_closed.push(name.clone());
             }
+            // The netfilter programs must be on before an endpoint that needs them is.
+            if effective.enforces_egress() && !self.egress_enforced {
+                maps.set_egress_enforced(true).map_err(map_err(name))?;
+                self.egress_enforced = true;
+            }
             self.program_endpoint(maps, name, effective).map_err(|e| match e {
                 ProgramError::Map(source) => SyncError::Map { endpoint: name.clone(), source: Box::new(source) },
                 ProgramError::NoSlot => SyncError::NoSlot { endpoint: name.clone(), live: self.live.len() },
@@ -404,6 +421,13 @@ impl Synchronizer {
                 self.retire(maps, &old).map_err(map_err(name))?;
                 report.endpoints_removed += 1;
             }
+        }
+
+        // The netfilter programs off once no endpoint needs them (after the last one is gone
+        // or no longer enforces egress).
+        if self.egress_enforced && !self.live.values().any(|live| live.program.enforces_egress()) {
+            maps.set_egress_enforced(false).map_err(map_err("settings"))?;
+            self.egress_enforced = false;
         }
 
         // 4. ipcache deletions last.
@@ -631,6 +655,11 @@ pub struct ModelMaps {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     pub ipcache: BTreeMap<Ipv6Net, IpcacheValue>,
     pub ipcache_generation: u32,
+    pub egress_enforced: bool,
+    /// Endpoints written with an enforced egress (isolated or fail-closed) while
+    /// `egress_enforced` was off: each is a window where the netfilter programs would let that
+    /// pod's Service traffic through unjudged. Must stay 0.
+    pub unguarded_egress_writes: usize,
     pub pod_addresses: BTreeMap<Ipv6Addr, u32>,
     pub revisions: BTreeMap<u32, u32>,
     pub identity: BTreeMap<(u32, u8, u32), u64>,
@@ -646,6 +675,9 @@ impl PolicyMaps for ModelMaps {
     type Error = std::convert::Infallible;
     fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), Self::Error> {
         self.operations += 1;
+        if info.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) != 0 && !self.egress_enforced {
+            self.unguarded_egress_writes += 1;
+        }
         self.endpoints.insert(ifindex, info);
         Ok(())
     }
@@ -667,6 +699,11 @@ impl PolicyMaps for ModelMaps {
     fn set_ipcache_generation(&mut self, generation: u32) -> Result<(), Self::Error> {
         self.operations += 1;
         self.ipcache_generation = generation;
+        Ok(())
+    }
+    fn set_egress_enforced(&mut self, on: bool) -> Result<(), Self::Error> {
+        self.operations += 1;
+        self.egress_enforced = on;
         Ok(())
     }
     fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), Self::Error> {
@@ -848,6 +885,31 @@ mod tests {
         }
         assert!(matches!(sync.sync(&mut maps, &node), Err(SyncError::IpcacheFull { needed: 11, capacity: 10 })));
         assert_eq!(maps.operations, before);
+    }
+
+    #[test]
+    fn the_netfilter_programs_are_on_exactly_while_an_endpoint_enforces_egress() {
+        let mut maps = ModelMaps::default();
+        let mut sync = Synchronizer::with_capacity(Capacity::default());
+        let mut node = NodeProgram::default();
+        node.endpoints.insert("a/ingress-only".into(), program(10, 300, 80));
+        sync.sync(&mut maps, &node).expect("sync");
+        assert!(!maps.egress_enforced, "an ingress-only node leaves the netfilter programs idle");
+        let mut egress = program(11, 301, 81);
+        egress.egress = egress.ingress.clone();
+        node.endpoints.insert("a/egress".into(), egress);
+        sync.sync(&mut maps, &node).expect("sync");
+        assert!(maps.egress_enforced);
+        node.endpoints.remove("a/egress");
+        sync.sync(&mut maps, &node).expect("sync");
+        assert!(!maps.egress_enforced, "cleared once the last egress-isolated endpoint is gone");
+        node.endpoints.insert("a/placeholder".into(), program(12, 302, 82).failed_closed());
+        sync.sync(&mut maps, &node).expect("sync");
+        assert!(maps.egress_enforced, "a fail-closed endpoint enforces egress too");
+        node.endpoints.insert("a/placeholder".into(), program(12, 302, 82));
+        sync.sync(&mut maps, &node).expect("sync");
+        assert!(!maps.egress_enforced, "cleared when the last one stops enforcing egress");
+        assert_eq!(maps.unguarded_egress_writes, 0, "the flag is on before any endpoint that needs it");
     }
 
     #[test]
