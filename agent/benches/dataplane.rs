@@ -7,7 +7,8 @@
 //! - a denied packet (goal 100): full lookup, no conntrack write;
 //! - the first packet of a new flow (goal 150): a TCP SYN is always judged as a new
 //!   connection, so repeating it measures the full evaluation plus the conntrack write;
-//! - the netfilter program on an established Service flow (the extra hook of the Service path).
+//! - the netfilter program on an established Service flow (the extra hook of the Service path),
+//!   and on a node where no pod's egress is enforced (it accepts at once).
 //!
 //! Then the calibration programs (`netsieve_cal_*`, never attached) measure single pieces of
 //! the path on this machine: parsing, parsing plus one conntrack lookup, one hash lookup, one
@@ -83,6 +84,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 0, 0).map_err(|e| format!("settings: {e}"))?;
         let new_flow = measure(&mut ebpf, PROGRAM_TO_POD, &syn, RETURN_PASS)? - empty;
         let nf = measure_netfilter(&netfilter_program, &service)? - empty;
+        // The same packet on a node where no pod's egress is enforced (CONFIG_EGRESS_ENFORCED
+        // clear): the program accepts before any helper call.
+        maps.set_settings(CONFIG_NETFILTER_ACTIVE, 0, 0).map_err(|e| format!("settings: {e}"))?;
+        let nf_idle = measure_netfilter(&netfilter_program, &service)? - empty;
+        maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 0, 0).map_err(|e| format!("settings: {e}"))?;
         println!("{:<52} {:>9.1} {:>13} {:>8} {:>6}", format!("empty TC program ({label}, {total} entries)"), empty, "", "", "");
         for (case, value, goal) in [
             ("established flow, forward packet", forward, 60.0),
@@ -91,6 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("denied packet, events on (1000/s/CPU, default)", drop_events, 100.0),
             ("first packet of a new flow (TCP SYN)", new_flow, 150.0),
             ("netfilter hook, established Service flow", nf, f64::NAN),
+            ("netfilter hook, no pod's egress enforced on the node", nf_idle, f64::NAN),
         ] {
             let met = if goal.is_nan() { "-" } else if value <= goal { "yes" } else { "no" };
             let goal_text = if goal.is_nan() { "-".to_string() } else { format!("<= {goal}") };
