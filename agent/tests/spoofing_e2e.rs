@@ -13,9 +13,9 @@
 //! through) run again under enforcement. Reverse-path filtering is turned off (`all`,
 //! `default` and every interface) only in the node namespaces the test creates. Needs root;
 //! touches nothing outside the namespaces it creates.
-use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix, run_in};
+use netsieve_tests::netns::{Cluster, UdpPayloads, eventually, namespaces_with_prefix, run_in};
 use netsieve_tests::seed_cluster::{Agents, nodes_manifest, remove_mount_root, write_atomically};
-use netsieve_tests::spoof::{Capture, Probe, SeenKind, UdpRecorder, craft, send_raw};
+use netsieve_tests::spoof::{Capture, Probe, SeenKind, craft, send_raw};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -126,7 +126,7 @@ fn addresses(cluster: &Cluster, pod: &str) -> [(&'static str, IpAddr); 2] {
 /// The servers of the targets: a UDP recorder and a capture each (TCP SYNs are counted at the
 /// pod's interfaces: a forged SYN never completes a connection, so no listener would see it).
 struct Targets {
-    recorders: Vec<UdpRecorder>,
+    recorders: Vec<UdpPayloads>,
     captures: Vec<Capture>,
 }
 
@@ -137,7 +137,7 @@ impl Targets {
             // A listener, so the owner's SYN is answered as a real server's would be.
             cluster.serve_tcp(target, TCP_PORT).expect("TCP listener");
             let netns = cluster.pod(target).netns.clone();
-            targets.recorders.push(UdpRecorder::start(&netns, SocketAddr::from(([0u16; 8], UDP_PORT))).expect("UDP recorder"));
+            targets.recorders.push(cluster.record_udp(target, UDP_PORT).expect("UDP recorder"));
             targets.captures.push(Capture::start(&netns).expect("capture"));
         }
         targets

@@ -231,6 +231,17 @@ pub struct NodeNet {
 }
 
 /// The whole cluster; deleting it removes everything it created.
+/// The payloads a [`Cluster::record_udp`] server received.
+#[derive(Clone, Default)]
+pub struct UdpPayloads(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl UdpPayloads {
+    /// How many payloads received so far start with `prefix`.
+    pub fn count_prefixed(&self, prefix: &str) -> usize {
+        self.0.lock().map_or(0, |list| list.iter().filter(|p| p.starts_with(prefix.as_bytes())).count())
+    }
+}
+
 pub struct Cluster {
     pub id: String,
     pub nodes: Vec<NodeNet>,
@@ -530,6 +541,21 @@ impl Cluster {
             reply.extend_from_slice(signature.as_bytes());
             let _ = socket.send_to(&reply, from);
         })
+    }
+
+    /// A UDP server on `[::]:port` of the pod (both families on a dual-stack pod) recording
+    /// every payload it receives, until the cluster is dropped: what reached the application,
+    /// not only the interface.
+    pub fn record_udp(&mut self, pod: &str, port: u16) -> Result<UdpPayloads, NetnsError> {
+        let netns = self.pod(pod).netns.clone();
+        let payloads = UdpPayloads::default();
+        let records = payloads.clone();
+        self.spawn_udp_server(&netns, format!("[::]:{port}"), 2048, move |_, datagram, _| {
+            if let Ok(mut list) = records.0.lock() {
+                list.push(datagram.to_vec());
+            }
+        })?;
+        Ok(payloads)
     }
 
     /// A DNS server (kube-dns stand-in, [`crate::dns`]) on UDP and TCP port 53 of the pod,

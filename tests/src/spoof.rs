@@ -1,12 +1,12 @@
 //! Packets with any source address, for the anti-spoofing test: UDP datagrams and TCP SYNs
 //! (IPv4 or IPv6) written with etherparse and sent through a raw IP socket (the kernel sends
 //! the header as written, source included) from inside a pod's namespace; a capture of what
-//! arrives at a pod (a packet socket on all its interfaces, parsed with etherparse); a UDP
-//! server recording the payloads it receives.
+//! arrives at a pod (a packet socket on all its interfaces, parsed with etherparse). The UDP
+//! server recording payloads is the cluster's (`Cluster::record_udp`).
 use crate::netns::{NetnsError, in_netns};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -181,61 +181,6 @@ fn parse(frame: &[u8]) -> Option<Seen> {
         _ => return None,
     };
     Some(Seen { source, destination, source_port, destination_port, what })
-}
-
-/// A UDP server in a pod (both families on a dual-stack pod) recording every payload it
-/// receives: what reached the application, not only the interface.
-pub struct UdpRecorder {
-    payloads: Arc<Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Result<(), NetnsError>>>,
-}
-
-impl UdpRecorder {
-    pub fn start(netns: &str, bind: SocketAddr) -> Result<UdpRecorder, SpoofError> {
-        let payloads = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (records, stopped) = (payloads.clone(), stop.clone());
-        let handle = in_netns(netns, move || {
-            let socket = match UdpSocket::bind(bind).and_then(|s| s.set_read_timeout(Some(Duration::from_millis(50))).map(|()| s)) {
-                Ok(socket) => socket,
-                Err(error) => {
-                    let _ = ready_tx.send(Err(error));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            let mut buf = [0u8; 2048];
-            while !stopped.load(Ordering::Relaxed) {
-                if let Ok(n) = socket.recv(&mut buf)
-                    && let Ok(mut list) = records.lock()
-                {
-                    list.push(buf[..n].to_vec());
-                }
-            }
-        })?;
-        let recorder = UdpRecorder { payloads, stop, handle: Some(handle) };
-        match ready_rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(recorder),
-            Ok(Err(error)) => Err(SpoofError::Io { what: "binding the UDP recorder", source: error }),
-            Err(_) => Err(SpoofError::NotReady("UDP recorder")),
-        }
-    }
-
-    /// How many payloads received so far start with `prefix`.
-    pub fn count_prefixed(&self, prefix: &str) -> usize {
-        self.payloads.lock().map_or(0, |list| list.iter().filter(|p| p.starts_with(prefix.as_bytes())).count())
-    }
-}
-
-impl Drop for UdpRecorder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
-        }
-    }
 }
 
 #[cfg(test)]
