@@ -424,8 +424,9 @@ impl Synchronizer {
         }
 
         // The netfilter programs off once no endpoint needs them (after the last one is gone
-        // or no longer enforces egress).
-        if self.egress_enforced && !self.live.values().any(|live| live.program.enforces_egress()) {
+        // or no longer enforces egress); only a sync that changed endpoints can change that.
+        let endpoints_changed = report.endpoints_programmed + report.endpoints_removed > 0;
+        if self.egress_enforced && endpoints_changed && !self.live.values().any(|live| live.program.enforces_egress()) {
             maps.set_egress_enforced(false).map_err(map_err("settings"))?;
             self.egress_enforced = false;
         }
