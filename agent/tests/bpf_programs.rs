@@ -407,6 +407,74 @@ fn events_are_rate_limited_per_cpu_and_counters_stay_exact() {
     assert_eq!(stats.packets, 5);
 }
 
+/// The program skips the lookups that cannot change its answer (the CIDR trie when no CIDR
+/// group admits the port or a lower group already matched, the port-range trie when no group
+/// of it could admit the peer): the rule it names must still be the lowest matching group,
+/// the one the userspace model and `netsieve explain` name.
+#[test]
+fn the_admitting_rule_is_the_lowest_matching_group_whichever_map_holds_it() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let block = || vec![PeerInput::Cidr(CidrSet { net: to_mapped("10.0.0.0/24".parse().expect("cidr")), except: vec![] })];
+    let entries = isolated(vec![
+        RuleInput { peers: block(), ports: ranges(&[(PROTO_TCP, 80, 80)]), origin: origin(0) },
+        RuleInput {
+            peers: vec![PeerInput::Identities([300].into())],
+            ports: ranges(&[(PROTO_TCP, 80, 80), (PROTO_TCP, 443, 443)]),
+            origin: origin(1),
+        },
+        RuleInput { peers: vec![PeerInput::Identities([300].into())], ports: ranges(&[(PROTO_TCP, 1000, 2000)]), origin: origin(2) },
+        RuleInput { peers: block(), ports: ranges(&[(PROTO_TCP, 1000, 2000)]), origin: origin(3) },
+        RuleInput { peers: vec![PeerInput::Identities([301].into())], ports: PortSetInput::AllProtocols, origin: origin(4) },
+        RuleInput { peers: vec![PeerInput::Identities([303].into())], ports: ranges(&[(PROTO_UDP, 3000, 4000)]), origin: origin(5) },
+    ]);
+    assert!(!entries.port_ranges.is_empty() && !entries.cidr.is_empty(), "both tries are in use");
+    let ipcache = [("10.0.0.2", 300), ("10.0.0.3", 301), ("10.0.1.5", 302), ("10.0.1.6", 303)];
+    k.program_lo(&mut sync, pod(entries.clone(), DirectionEntries::default()), &ipcache);
+    let rule_base = k.maps.endpoints.get(&LO, 0).expect("endpoint").rule_base[0];
+    k.settings(CONFIG_EVENTS_ALLOWED, 1000, 1000);
+    let cases: [(&str, u32, u8, u16, Option<u32>); 10] = [
+        // Identity matches group 1; the block's group 0 is lower: the trie must be walked.
+        ("10.0.0.2", 300, PROTO_TCP, 80, Some(0)),
+        // No CIDR group admits 443: the trie is skipped.
+        ("10.0.0.2", 300, PROTO_TCP, 443, Some(1)),
+        // A port of the range trie; the block's group 3 is above group 2.
+        ("10.0.0.2", 300, PROTO_TCP, 1500, Some(2)),
+        // Identity matches group 4 (every port); the block's group 3 is lower.
+        ("10.0.0.3", 301, PROTO_TCP, 1500, Some(3)),
+        ("10.0.0.3", 301, PROTO_TCP, 9, Some(4)),
+        ("10.0.0.3", 301, PROTO_UDP, 3500, Some(4)),
+        // In no block and no identity rule: nothing to look up after the identity.
+        ("10.0.1.5", 302, PROTO_TCP, 80, None),
+        ("10.0.1.5", 302, PROTO_TCP, 1500, None),
+        // Only the UDP range admits identity 303.
+        ("10.0.1.6", 303, PROTO_UDP, 3500, Some(5)),
+        ("10.0.1.6", 303, PROTO_TCP, 3500, None),
+    ];
+    for (index, (src, identity, protocol, port, expected)) in cases.into_iter().enumerate() {
+        let model = entries.matching_group(identity, ip(src), protocol, port);
+        assert_eq!(model, expected, "model, case {index}");
+        let source_port = 20_000 + index as u16;
+        let spec =
+            if protocol == PROTO_TCP { tcp(src, "10.0.0.1", source_port, port, TCP_SYN) } else { udp(src, "10.0.0.1", source_port, port) };
+        k.drain_events();
+        let verdict = k.run_to_pod(&spec);
+        let events = k.drain_events();
+        assert_eq!(events.len(), 1, "case {index}");
+        match expected {
+            Some(group) => {
+                assert_eq!(verdict, RETURN_PASS, "case {index}");
+                assert_eq!(events[0].verdict, VERDICT_ALLOWED, "case {index}");
+                assert_eq!(events[0].rule_index, rule_base + group, "case {index}: the lowest matching group is named");
+            }
+            None => {
+                assert_eq!(verdict, RETURN_DROP, "case {index}");
+                assert_eq!(events[0].verdict, VERDICT_DROPPED, "case {index}");
+            }
+        }
+    }
+}
+
 #[test]
 fn deferred_egress_is_judged_by_the_netfilter_program_on_the_backend() {
     let mut k = load();

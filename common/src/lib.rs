@@ -73,6 +73,23 @@ pub const EP_CIDR_RULES: u32 = 1 << 8;
 /// `EndpointInfo::flags`: the direction (shifted by the direction number) has entries in
 /// `POLICY_PORT_RANGE`; without it the LPM lookup is skipped.
 pub const EP_PORT_RANGES: u32 = 1 << 10;
+/// `EndpointInfo::flags`: the direction (shifted by the direction number) has exact entries in
+/// `POLICY_PORT`; without it the lookup is skipped.
+pub const EP_EXACT_PORTS: u32 = 1 << 12;
+
+/// Index in `EndpointInfo::wildcard_bits` of a protocol's wildcard: 0 holds the groups
+/// admitting every protocol (what a packet of a protocol without ports, ICMP and the rest,
+/// matches), 1 to 3 those admitting every port of TCP, UDP, SCTP (every-protocol groups
+/// included).
+#[inline(always)]
+pub const fn wildcard_index(protocol: u8) -> usize {
+    match protocol {
+        PROTO_TCP => 1,
+        PROTO_UDP => 2,
+        PROTO_SCTP => 3,
+        _ => 0,
+    }
+}
 
 /// Map capacities: up to [`MAX_ENDPOINTS`] pods per node, 10k pods and 1k policies in the
 /// cluster, 100k rule entries on the node.
@@ -133,6 +150,16 @@ pub struct EndpointInfo {
     pub rule_base: [u32; 2],
     /// Per direction: rule groups that admit any peer (`from`/`to` absent or empty).
     pub any_peer_bits: [u64; 2],
+    /// Per direction: the rule groups `POLICY_CIDR` entries can grant. The program skips that
+    /// lookup (a trie walk) when none of them could change the verdict: none admits the port,
+    /// or a lower group already matched.
+    pub cidr_group_bits: [u64; 2],
+    /// Per direction: the rule groups `POLICY_RANGE` entries can grant (the same use).
+    pub range_group_bits: [u64; 2],
+    /// Per direction, by [`wildcard_index`]: the groups admitting every port of a protocol.
+    /// Held here, not in `POLICY_PORT`: a packet whose port has no exact entry reads a field
+    /// instead of doing a second hash lookup.
+    pub wildcard_bits: [[u64; 4]; 2],
     /// The pod's addresses (anti-spoofing, the self exception).
     pub ipv4: [u8; 4],
     pub ipv6: [u8; 16],
@@ -171,10 +198,9 @@ pub struct PolicyCidrKeyData {
 /// Bits of `PolicyCidrKeyData` before `addr` that every key matches exactly.
 pub const POLICY_CIDR_FIXED_BITS: u32 = 64;
 
-/// Key of `POLICY_PORT` (a hash). `port` 0 is the protocol's wildcard entry: the groups that
-/// admit every port of the protocol (and every protocol). An exact entry carries every group
-/// that admits that port (wildcards and ranges included), so a hit needs no other lookup.
-/// [`PROTO_ANY`] with port 0 holds the groups admitting every protocol (ICMP and the rest).
+/// Key of `POLICY_PORT` (a hash): the exact ports rules name. An exact entry carries every
+/// group that admits that port (wildcards and ranges included), so a hit needs no other
+/// lookup. Groups admitting every port of a protocol are in `EndpointInfo::wildcard_bits`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyPortKey {
@@ -183,10 +209,6 @@ pub struct PolicyPortKey {
     pub protocol: u8,
     pub port: u16,
 }
-/// `PolicyPortKey::protocol` for rules that admit every protocol and port.
-pub const PROTO_ANY: u8 = 0;
-/// `PolicyPortKey::port` of the wildcard entry.
-pub const PORT_WILDCARD: u16 = 0;
 
 /// Data of a `POLICY_PORT_RANGE` LPM key (large `endPort` ranges, not expanded into
 /// `POLICY_PORT`). `prefix_len` = [`POLICY_PORT_FIXED_BITS`] + prefix bits of the port;
@@ -560,7 +582,7 @@ mod tests {
     /// on every offset.
     #[test]
     fn layouts_are_packed_as_declared() {
-        assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 4 + 16 + 4);
+        assert_eq!(core::mem::size_of::<EndpointInfo>(), 4 * 4 + 8 + 16 + 16 + 16 + 64 + 4 + 16 + 4);
         assert_eq!(core::mem::size_of::<FlowKey>(), 32 + 4 + 4 + 4);
         assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8 + 8);
         assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);

@@ -93,6 +93,40 @@ pub mod calibration {
         }
     }
 
+    /// Offset of the TCP source port in the benchmark's frames (Ethernet, IPv4 without
+    /// options).
+    const BENCH_SOURCE_PORT_OFFSET: usize = 14 + 20;
+
+    /// Adds one to the frame's TCP source port in place. A repeated `BPF_PROG_TEST_RUN` runs
+    /// every repetition on the same buffer, so each run then sees a flow no earlier run saw.
+    #[inline(always)]
+    fn next_source_port(ctx: &TcContext) -> bool {
+        let start = ctx.data() + BENCH_SOURCE_PORT_OFFSET;
+        if start + 2 > ctx.data_end() {
+            return false;
+        }
+        let port = start as *mut u16;
+        // SAFETY: bounds checked against data_end just above (the verifier checks it too).
+        unsafe { *port = u16::from_be(*port).wrapping_add(1).to_be() };
+        true
+    }
+
+    /// The baseline of `netsieve_cal_new_flows`: only the port change.
+    #[classifier]
+    pub fn netsieve_cal_next_port(ctx: TcContext) -> i32 {
+        if next_source_port(&ctx) { TC_ACT_UNSPEC } else { TC_ACT_SHOT }
+    }
+
+    /// The to-pod program on a new flow at every run: the first packet of a flow conntrack has
+    /// never seen (a fresh insert, where repeating one SYN measures replacing its entry).
+    #[classifier]
+    pub fn netsieve_cal_new_flows(ctx: TcContext) -> i32 {
+        if !next_source_port(&ctx) {
+            return TC_ACT_SHOT;
+        }
+        action(try_enforce(&ctx, DIRECTION_INGRESS))
+    }
+
     /// One read of the coarse clock (a helper call).
     #[classifier]
     pub fn netsieve_cal_clock(_ctx: TcContext) -> i32 {

@@ -13,7 +13,7 @@
 //! then stands for several rules).
 use super::lpm::{self, CidrSet, PortPrefix};
 use ipnet::Ipv6Net;
-use netsieve_common::{MAX_RULE_GROUPS, PORT_RANGE_EXPAND_LIMIT, PORT_WILDCARD, PROTO_ANY, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use netsieve_common::{MAX_RULE_GROUPS, PORT_RANGE_EXPAND_LIMIT, PROTO_SCTP, PROTO_TCP, PROTO_UDP, wildcard_index};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -73,9 +73,11 @@ pub struct DirectionEntries {
     pub identity: BTreeMap<u32, u64>,
     /// ipBlocks and individual addresses, flattened for longest-prefix match.
     pub cidr: BTreeMap<Ipv6Net, u64>,
-    /// Exact (protocol, port) entries; port [`PORT_WILDCARD`] is the protocol's wildcard entry
-    /// and (`PROTO_ANY`, wildcard) the every-protocol entry.
+    /// Exact (protocol, port) entries, each with every group admitting that port.
     pub port: BTreeMap<(u8, u16), u64>,
+    /// Groups admitting every port of a protocol, by [`wildcard_index`] (0: every protocol).
+    /// Kept in the endpoint itself, no lookup.
+    pub wildcard: [u64; 4],
     /// Port ranges too large to expand, flattened for longest-prefix match.
     pub port_ranges: BTreeMap<(u8, PortPrefix), u64>,
     /// The rules each group stands for, by group index.
@@ -178,14 +180,10 @@ pub fn compile_direction(input: &DirectionInput) -> Result<DirectionEntries, Com
         }
     }
     entries.cidr = lpm::flatten_cidrs(&cidr_sets);
-    if any_protocol != 0 {
-        entries.port.insert((PROTO_ANY, PORT_WILDCARD), any_protocol);
-    }
+    entries.wildcard[wildcard_index(0)] = any_protocol;
     let wildcard = |protocol: u8| all_ports.get(&protocol).copied().unwrap_or(0) | any_protocol;
     for protocol in PORT_PROTOCOLS {
-        if wildcard(protocol) != 0 {
-            entries.port.insert((protocol, PORT_WILDCARD), wildcard(protocol));
-        }
+        entries.wildcard[wildcard_index(protocol)] = wildcard(protocol);
     }
     // Every exact entry carries all groups admitting its port, so a hit needs no other lookup.
     for ((protocol, port), bits) in exact {
@@ -220,15 +218,26 @@ impl DirectionEntries {
     /// Groups whose ports admit the destination port, as the eBPF program computes them.
     pub fn port_bits(&self, protocol: u8, port: u16) -> u64 {
         if !PORT_PROTOCOLS.contains(&protocol) {
-            return self.port.get(&(PROTO_ANY, PORT_WILDCARD)).copied().unwrap_or(0);
+            return self.wildcard[0];
         }
         if let Some(bits) = self.port.get(&(protocol, port)) {
             return *bits;
         }
-        let wildcard = self.port.get(&(protocol, PORT_WILDCARD)).copied().unwrap_or(0);
+        let wildcard = self.wildcard[wildcard_index(protocol)];
         let ranges: BTreeMap<PortPrefix, u64> =
             self.port_ranges.iter().filter(|((p, _), _)| *p == protocol).map(|((_, prefix), bits)| (*prefix, *bits)).collect();
         wildcard | if ranges.is_empty() { 0 } else { lpm::lookup_port(&ranges, port).unwrap_or(0) }
+    }
+
+    /// The groups `cidr` entries can grant (the program skips the trie when none of them
+    /// could change its verdict).
+    pub fn cidr_groups(&self) -> u64 {
+        self.cidr.values().fold(0, |acc, bits| acc | bits)
+    }
+
+    /// The groups `port_ranges` entries can grant.
+    pub fn range_groups(&self) -> u64 {
+        self.port_ranges.values().fold(0, |acc, bits| acc | bits)
     }
 
     /// The rule group that admits a new (non-reply) packet of an isolated direction, as the

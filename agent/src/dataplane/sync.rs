@@ -18,7 +18,7 @@ use super::lpm::PortPrefix;
 use ipnet::Ipv6Net;
 use netsieve_common::{
     DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT, EP_CIDR_RULES, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED,
-    EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EP_PORT_RANGES, EndpointInfo, IpcacheValue, MAX_ENDPOINT_SLOTS,
+    EP_HAS_IPV4, EP_HAS_IPV6, EP_EXACT_PORTS, EP_INGRESS_ISOLATED, EP_PORT_RANGES, EndpointInfo, IpcacheValue, MAX_ENDPOINT_SLOTS,
     MAX_IPCACHE_ENTRIES, MAX_POLICY_CIDR_ENTRIES, MAX_POLICY_IDENTITY_ENTRIES, MAX_POLICY_PORT_ENTRIES,
     MAX_POLICY_PORT_RANGE_ENTRIES, MAX_RULE_COUNTERS, NO_REVISION, NO_RULE,
 };
@@ -56,6 +56,9 @@ impl EndpointProgram {
             }
             if !entries.port_ranges.is_empty() {
                 flags |= EP_PORT_RANGES << shift;
+            }
+            if !entries.port.is_empty() {
+                flags |= EP_EXACT_PORTS << shift;
             }
         }
         if self.fail_closed {
@@ -643,6 +646,9 @@ pub fn endpoint_info(program: &EndpointProgram, slot: u32, revision: u32, rule_b
         revision,
         rule_base: rule_bases,
         any_peer_bits: [program.ingress.any_peer, program.egress.any_peer],
+        cidr_group_bits: [program.ingress.cidr_groups(), program.egress.cidr_groups()],
+        range_group_bits: [program.ingress.range_groups(), program.egress.range_groups()],
+        wildcard_bits: [program.ingress.wildcard, program.egress.wildcard],
         ipv4: program.ipv4.map_or([0; 4], |ip| ip.octets()),
         ipv6: program.ipv6.map_or([0; 16], |ip| ip.octets()),
         _pad: [0; 4],
