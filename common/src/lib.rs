@@ -109,6 +109,10 @@ pub const MAX_RULE_COUNTERS: u32 = 16_384;
 pub const NO_RULE: u32 = u32::MAX;
 /// Size of the verdict event ring buffer.
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// Bytes from the network header the netfilter program copies at once for a packet it parses
+/// (IPv4 with options and TCP, IPv6 with a few extension headers); fields beyond are read one
+/// helper call each.
+pub const NF_HEADER_COPY_BYTES: usize = 128;
 
 /// Key of `IPCACHE` (a hash): the address, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one
 /// map serves both families.
@@ -538,16 +542,34 @@ pub struct NfOffsets {
     pub tuplehash_size: u32,
     /// `nf_conntrack_tuple_hash.tuple`.
     pub tuplehash_tuple: u32,
-    /// In `nf_conntrack_tuple`: src.u3, src.u (port / ICMP id), src.l3num (address family),
-    /// dst.u3, dst.u, dst.protonum.
-    pub tuple_src_addr: u32,
-    pub tuple_src_port: u32,
-    pub tuple_l3num: u32,
-    pub tuple_dst_addr: u32,
-    pub tuple_dst_port: u32,
-    pub tuple_protonum: u32,
     /// `sk_buff.data_len` (bytes outside the linear area).
     pub skb_data_len: u32,
+}
+
+/// `struct nf_conntrack_tuple` as the kernel lays it out (the same on every kernel with BPF
+/// netfilter programs): the netfilter program reads a whole tuple with one
+/// `bpf_probe_read_kernel` call, where reading it field by field took five (each a helper
+/// call, paid by every packet of a Service flow). The agent checks the running kernel's BTF
+/// against this layout before loading the program; a kernel laid out otherwise gets no
+/// netfilter program, and TC then judges Service traffic on the address the pod used (fail
+/// closed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NfConntrackTuple {
+    /// `src.u3`: the source address (IPv4 in the first four bytes).
+    pub src_addr: [u8; 16],
+    /// `src.u`: the source port or ICMP echo identifier, network order.
+    pub src_port: u16,
+    /// `src.l3num`: the address family.
+    pub l3num: u16,
+    /// `dst.u3`.
+    pub dst_addr: [u8; 16],
+    /// `dst.u`: the destination port (ICMP: type and code), network order.
+    pub dst_port: u16,
+    /// `dst.protonum`.
+    pub protonum: u8,
+    /// `dst.dir`.
+    pub dir: u8,
 }
 
 #[cfg(feature = "user")]
@@ -586,6 +608,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 32 + 4 + 4 + 4);
         assert_eq!(core::mem::size_of::<FlowState>(), 8 + 4 * 3 + 4 + 16 + 8 + 8);
         assert_eq!(core::mem::size_of::<PolicyPortKey>(), 8);
+        assert_eq!(core::mem::size_of::<NfConntrackTuple>(), 40);
         assert_eq!(core::mem::size_of::<VerdictEvent>(), 8 + 4 * 5 + 2 * 3 + 6 + 48);
     }
 

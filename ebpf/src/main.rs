@@ -127,6 +127,19 @@ pub mod calibration {
         action(try_enforce(&ctx, DIRECTION_INGRESS))
     }
 
+    /// One `bpf_probe_read_kernel` call (of the conntrack tuple's size): how the netfilter
+    /// program reads kernel structures.
+    #[classifier]
+    pub fn netsieve_cal_probe_read(ctx: TcContext) -> i32 {
+        // The context is the kernel's sk_buff; any readable kernel address will do.
+        let skb = ctx.skb.skb as usize;
+        // SAFETY: the helper reads through the kernel's fault-tolerant accessor.
+        match unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(skb as *const netsieve_common::NfConntrackTuple) } {
+            Ok(_) => TC_ACT_UNSPEC,
+            _ => TC_ACT_SHOT,
+        }
+    }
+
     /// One read of the coarse clock (a helper call).
     #[classifier]
     pub fn netsieve_cal_clock(_ctx: TcContext) -> i32 {

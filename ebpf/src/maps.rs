@@ -50,3 +50,7 @@ pub static EVENT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVEN
 /// the clock through this cache and calls the helper once per tick and CPU.
 #[map(name = "CLOCK_CACHE")]
 pub static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+/// Per CPU: the network and transport headers of a packet the netfilter program parses without
+/// conntrack state, copied with one helper call instead of one call per header field.
+#[map(name = "NF_HEADERS")]
+pub static NF_HEADERS: PerCpuArray<[u8; NF_HEADER_COPY_BYTES]> = PerCpuArray::with_max_entries(1, 0);

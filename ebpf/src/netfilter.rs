@@ -10,14 +10,14 @@
 //! `bpf_probe_read_kernel` at offsets the agent resolves from the running kernel's BTF
 //! (`NF_OFFSETS`), so one object serves every kernel.
 use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
-use crate::maps::{CONNTRACK, ENDPOINTS, NF_OFFSETS, POD_ADDRESSES};
+use crate::maps::{CONNTRACK, ENDPOINTS, NF_HEADERS, NF_OFFSETS, POD_ADDRESSES};
 use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
 use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, settings, structural_drop};
 use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
     CONFIG_EGRESS_ENFORCED, CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
-    FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NO_RULE, NfOffsets, PROTO_ICMP,
+    FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NF_HEADER_COPY_BYTES, NO_RULE, NfConntrackTuple, NfOffsets, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_MALFORMED,
 };
 
@@ -65,34 +65,70 @@ fn key_form(raw: [u8; 16], l3num: u16) -> [u8; 16] {
     mapped
 }
 
-/// Reads a `struct nf_conntrack_tuple`.
+/// Reads a `struct nf_conntrack_tuple` at `base`: one helper call for the whole tuple (the
+/// agent checked the kernel lays it out as [`NfConntrackTuple`]).
 #[inline(always)]
-fn read_tuple(base: usize, offsets: &NfOffsets, l3num: u16) -> Result<Tuple, ()> {
-    let protocol: u8 = read(base, offsets.tuple_protonum)?;
-    let src: [u8; 16] = read(base, offsets.tuple_src_addr)?;
-    let dst: [u8; 16] = read(base, offsets.tuple_dst_addr)?;
-    let src_port = u16::from_be(read::<u16>(base, offsets.tuple_src_port)?);
+fn read_tuple(base: usize) -> Result<Tuple, ()> {
+    let raw: NfConntrackTuple = read(base, 0)?;
+    let src_port = u16::from_be(raw.src_port);
     // ICMP echo: the identifier (in the source half) stands for both ports, as in the TC
     // parser; the destination half holds type and code.
-    let dst_port = if matches!(protocol, PROTO_ICMP | PROTO_ICMPV6) {
-        src_port
-    } else {
-        u16::from_be(read::<u16>(base, offsets.tuple_dst_port)?)
-    };
-    Ok(Tuple { src: key_form(src, l3num), src_port, dst: key_form(dst, l3num), dst_port, protocol })
+    let dst_port = if matches!(raw.protonum, PROTO_ICMP | PROTO_ICMPV6) { src_port } else { u16::from_be(raw.dst_port) };
+    Ok(Tuple {
+        src: key_form(raw.src_addr, raw.l3num),
+        src_port,
+        dst: key_form(raw.dst_addr, raw.l3num),
+        dst_port,
+        protocol: raw.protonum,
+    })
 }
 
-/// The packet from its network header, through `bpf_probe_read_kernel` (untracked packets).
+/// The packet from its network header (untracked packets): the first
+/// [`NF_HEADER_COPY_BYTES`] copied into a per-CPU buffer with one `bpf_probe_read_kernel`
+/// call, anything beyond read through the helper field by field.
 struct KernelBytes {
     base: usize,
     len: usize,
+    /// The per-CPU copy, and how many of its bytes are the packet's (0: no copy).
+    copy: *const u8,
+    copied: usize,
+}
+
+impl KernelBytes {
+    #[inline(always)]
+    fn new(base: usize, len: usize) -> KernelBytes {
+        let mut bytes = KernelBytes { base, len, copy: core::ptr::null(), copied: 0 };
+        let Some(buffer) = NF_HEADERS.get_ptr_mut(0) else { return bytes };
+        // A whole buffer's worth whatever the packet's length (a constant size for the
+        // verifier); bytes past `len` are never used. A failed copy leaves only the slow path.
+        // SAFETY: the helper writes the per-CPU value through the kernel's fault-tolerant
+        // accessor.
+        let copied = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                buffer as *mut core::ffi::c_void,
+                NF_HEADER_COPY_BYTES as u32,
+                base as *const core::ffi::c_void,
+            )
+        };
+        if copied == 0 {
+            bytes.copy = buffer as *const u8;
+            bytes.copied = len.min(NF_HEADER_COPY_BYTES);
+        }
+        bytes
+    }
 }
 
 impl PacketBytes for KernelBytes {
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Result<T, Malformed> {
-        if offset + core::mem::size_of::<T>() > self.len || offset > OFFSET_MASK {
+        let end = offset + core::mem::size_of::<T>();
+        if end > self.len || offset > OFFSET_MASK {
             return Err(Malformed);
+        }
+        if end <= NF_HEADER_COPY_BYTES && end <= self.copied {
+            // SAFETY: within the per-CPU copy (checked against its size just above) and within
+            // the bytes copied from the packet.
+            return Ok(unsafe { core::ptr::read_unaligned(self.copy.add(offset) as *const T) });
         }
         // SAFETY: as in `read`.
         unsafe { bpf_probe_read_kernel((self.base + offset) as *const T) }.map_err(|_| Malformed)
@@ -128,9 +164,8 @@ fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
         let hashes = ct + (offsets.ct_tuplehash as usize & OFFSET_MASK);
         let original_base = hashes + (offsets.tuplehash_tuple as usize & OFFSET_MASK);
         let reply_base = original_base + (offsets.tuplehash_size as usize & OFFSET_MASK);
-        let l3num: u16 = read(original_base, offsets.tuple_l3num).map_err(|_| Malformed)?;
-        let original = read_tuple(original_base, offsets, l3num).map_err(|_| Malformed)?;
-        let reply = read_tuple(reply_base, offsets, l3num).map_err(|_| Malformed)?;
+        let original = read_tuple(original_base).map_err(|_| Malformed)?;
+        let reply = read_tuple(reply_base).map_err(|_| Malformed)?;
         return Ok(Some(Seen { backend: reply.src, backend_port: reply.src_port, original }));
     }
     let head: usize = read(skb, offsets.skb_head).map_err(|_| Malformed)?;
@@ -138,7 +173,7 @@ fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
     let len: u32 = read(skb, offsets.skb_len).map_err(|_| Malformed)?;
     let data_len: u32 = read(skb, offsets.skb_data_len).map_err(|_| Malformed)?;
     // Only the linear area is read: at these hooks it starts at the network header.
-    let bytes = KernelBytes { base: head + network as usize, len: len.saturating_sub(data_len) as usize };
+    let bytes = KernelBytes::new(head + network as usize, len.saturating_sub(data_len) as usize);
     let version = bytes.load::<u8>(0)? >> 4;
     match parse_ip(&bytes, version)? {
         Parsed::Pass => Ok(None),

@@ -13,7 +13,7 @@ use aya::Ebpf;
 use aya::maps::{Array, Map, MapData};
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use btf_rs::{Btf, Type};
-use netsieve_common::NfOffsets;
+use netsieve_common::{NfConntrackTuple, NfOffsets};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -118,13 +118,15 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, wanted: &str) -> Result<Option<(u3
     Ok(None)
 }
 
-/// The offsets the netfilter program reads, from the running kernel's BTF.
+/// The offsets the netfilter program reads, from the running kernel's BTF, once the kernel's
+/// `struct nf_conntrack_tuple` is known to be laid out as [`NfConntrackTuple`] (the program
+/// reads it whole).
 pub fn kernel_offsets() -> Result<NfOffsets, NetfilterError> {
     let path = "/sys/kernel/btf/vmlinux";
     let err = |message: String| NetfilterError::Btf { path: path.to_string(), message };
     let btf = Btf::from_file(path).map_err(|e| err(e.to_string()))?;
+    check_tuple_layout(&btf).map_err(err)?;
     let skb = |field: &str| member_offset(&btf, "sk_buff", &[field]).map_err(err);
-    let tuple = |path: &[&str]| member_offset(&btf, "nf_conntrack_tuple", path).map_err(err);
     let tuplehash_size = find_struct(&btf, "nf_conntrack_tuple_hash").map_err(err)?.size() as u32;
     Ok(NfOffsets {
         ready: 1,
@@ -136,14 +138,31 @@ pub fn kernel_offsets() -> Result<NfOffsets, NetfilterError> {
         ct_tuplehash: member_offset(&btf, "nf_conn", &["tuplehash"]).map_err(err)?,
         tuplehash_size,
         tuplehash_tuple: member_offset(&btf, "nf_conntrack_tuple_hash", &["tuple"]).map_err(err)?,
-        tuple_src_addr: tuple(&["src", "u3"])?,
-        tuple_src_port: tuple(&["src", "u"])?,
-        tuple_l3num: tuple(&["src", "l3num"])?,
-        tuple_dst_addr: tuple(&["dst", "u3"])?,
-        tuple_dst_port: tuple(&["dst", "u"])?,
-        tuple_protonum: tuple(&["dst", "protonum"])?,
         skb_data_len: skb("data_len")?,
     })
+}
+
+/// Whether the kernel's `struct nf_conntrack_tuple` has the size and the member offsets of
+/// [`NfConntrackTuple`].
+fn check_tuple_layout(btf: &Btf) -> Result<(), String> {
+    let size = find_struct(btf, "nf_conntrack_tuple")?.size();
+    if size != std::mem::size_of::<NfConntrackTuple>() {
+        return Err(format!("struct nf_conntrack_tuple is {size} bytes, the program reads {}", std::mem::size_of::<NfConntrackTuple>()));
+    }
+    for (path, expected) in [
+        (["src", "u3"], std::mem::offset_of!(NfConntrackTuple, src_addr)),
+        (["src", "u"], std::mem::offset_of!(NfConntrackTuple, src_port)),
+        (["src", "l3num"], std::mem::offset_of!(NfConntrackTuple, l3num)),
+        (["dst", "u3"], std::mem::offset_of!(NfConntrackTuple, dst_addr)),
+        (["dst", "u"], std::mem::offset_of!(NfConntrackTuple, dst_port)),
+        (["dst", "protonum"], std::mem::offset_of!(NfConntrackTuple, protonum)),
+    ] {
+        let found = member_offset(btf, "nf_conntrack_tuple", &path)? as usize;
+        if found != expected {
+            return Err(format!("nf_conntrack_tuple.{} is at byte {found}, the program reads it at {expected}", path.join(".")));
+        }
+    }
+    Ok(())
 }
 
 /// The raw fd of a map of the loaded TC object.
