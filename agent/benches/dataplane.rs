@@ -11,9 +11,10 @@
 //!   connection on a port pair seen before: the full evaluation plus replacing the entry);
 //! - the netfilter program on an established Service flow (the extra hook of the Service path),
 //!   and on a node where no pod's egress is enforced (it accepts at once). A test run's packet
-//!   has no kernel conntrack entry, so the program parses its headers (one copy of the headers,
-//!   and four reads of the skb); on a real node it reads the conntrack entry's two tuples
-//!   instead (three reads). `netsieve_cal_probe_read` is the price of one such read.
+//!   has no kernel conntrack entry, so the program parses its headers (five helper calls: the
+//!   interface, `_nfct` with the lengths, `head`, `network_header`, one copy of the headers);
+//!   on a real node it reads the conntrack entry's two tuples instead (four calls).
+//!   `netsieve_cal_probe_read` is the price of one such call.
 //!
 //! Then the calibration programs (`netsieve_cal_*`, never attached) measure single pieces of
 //! the path on this machine: parsing, parsing plus one conntrack lookup, one hash lookup, one

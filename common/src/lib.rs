@@ -528,22 +528,32 @@ pub struct NfOffsets {
     pub ready: u32,
     /// `sk_buff.skb_iif`: the interface the packet entered the node on.
     pub skb_iif: u32,
-    /// `sk_buff._nfct`: the conntrack entry pointer, low 3 bits = ctinfo.
+    /// `sk_buff._nfct`, followed by `len` and `data_len` ([`SkbConntrackAndLengths`]).
     pub skb_nfct: u32,
     /// `sk_buff.head`.
     pub skb_head: u32,
     /// `sk_buff.network_header` (u16 offset from head).
     pub skb_network_header: u32,
-    /// `sk_buff.len`.
-    pub skb_len: u32,
     /// `nf_conn.tuplehash` (array of two `nf_conntrack_tuple_hash`).
     pub ct_tuplehash: u32,
     /// `sizeof(struct nf_conntrack_tuple_hash)`.
     pub tuplehash_size: u32,
     /// `nf_conntrack_tuple_hash.tuple`.
     pub tuplehash_tuple: u32,
-    /// `sk_buff.data_len` (bytes outside the linear area).
-    pub skb_data_len: u32,
+}
+
+/// `sk_buff` from `_nfct` on (unchanged since `_nfct` was introduced): read with one
+/// `bpf_probe_read_kernel` call where the three fields took three. The agent checks the
+/// running kernel's BTF puts `len` and `data_len` right after `_nfct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbConntrackAndLengths {
+    /// `_nfct`: the conntrack entry pointer, low 3 bits = ctinfo.
+    pub nfct: u64,
+    /// `len`: the packet's length.
+    pub len: u32,
+    /// `data_len`: bytes outside the linear area.
+    pub data_len: u32,
 }
 
 /// `struct nf_conntrack_tuple` as the kernel lays it out (the same on every kernel with BPF

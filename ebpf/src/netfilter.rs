@@ -17,7 +17,7 @@ use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
     CONFIG_EGRESS_ENFORCED, CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
-    FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NF_HEADER_COPY_BYTES, NO_RULE, NfConntrackTuple, NfOffsets, PROTO_ICMP,
+    FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NF_HEADER_COPY_BYTES, NO_RULE, NfConntrackTuple, NfOffsets, SkbConntrackAndLengths, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_MALFORMED,
 };
 
@@ -151,10 +151,9 @@ struct Seen {
 /// and the reply tuple's source = the backend DNAT chose), else from the packet itself.
 /// `Ok(None)`: nothing to judge here (a reply or related packet, not IP).
 #[inline(always)]
-fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
-    let nfct: u64 = read(skb, offsets.skb_nfct).map_err(|_| Malformed)?;
-    let ct = (nfct & !7) as usize;
-    let ctinfo = nfct & 7;
+fn seen(skb: usize, offsets: &NfOffsets, conntrack: &SkbConntrackAndLengths) -> Result<Option<Seen>, Malformed> {
+    let ct = (conntrack.nfct & !7) as usize;
+    let ctinfo = conntrack.nfct & 7;
     if ct != 0 {
         // Replies were judged on the pod's side by TC; related packets (ICMP errors) belong to
         // a connection that was judged.
@@ -170,10 +169,9 @@ fn seen(skb: usize, offsets: &NfOffsets) -> Result<Option<Seen>, Malformed> {
     }
     let head: usize = read(skb, offsets.skb_head).map_err(|_| Malformed)?;
     let network: u16 = read(skb, offsets.skb_network_header).map_err(|_| Malformed)?;
-    let len: u32 = read(skb, offsets.skb_len).map_err(|_| Malformed)?;
-    let data_len: u32 = read(skb, offsets.skb_data_len).map_err(|_| Malformed)?;
     // Only the linear area is read: at these hooks it starts at the network header.
-    let bytes = KernelBytes::new(head + network as usize, len.saturating_sub(data_len) as usize);
+    let linear = conntrack.len.saturating_sub(conntrack.data_len) as usize;
+    let bytes = KernelBytes::new(head + network as usize, linear);
     let version = bytes.load::<u8>(0)? >> 4;
     match parse_ip(&bytes, version)? {
         Parsed::Pass => Ok(None),
@@ -217,8 +215,9 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     {
         return NF_ACCEPT;
     }
-    let bytes = read::<u32>(skb, offsets.skb_len).unwrap_or(0) as u64;
-    let seen = match seen(skb, offsets) {
+    let conntrack = read::<SkbConntrackAndLengths>(skb, offsets.skb_nfct).map_err(|_| Malformed);
+    let bytes = conntrack.as_ref().map_or(0, |c| c.len as u64);
+    let seen = match conntrack.and_then(|c| seen(skb, offsets, &c)) {
         Ok(Some(seen)) => seen,
         Ok(None) => return NF_ACCEPT,
         Err(Malformed) => {

@@ -13,7 +13,7 @@ use aya::Ebpf;
 use aya::maps::{Array, Map, MapData};
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_prog_type};
 use btf_rs::{Btf, Type};
-use netsieve_common::{NfConntrackTuple, NfOffsets};
+use netsieve_common::{NfConntrackTuple, NfOffsets, SkbConntrackAndLengths};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -119,8 +119,8 @@ fn find_member(btf: &Btf, s: &btf_rs::Struct, wanted: &str) -> Result<Option<(u3
 }
 
 /// The offsets the netfilter program reads, from the running kernel's BTF, once the kernel's
-/// `struct nf_conntrack_tuple` is known to be laid out as [`NfConntrackTuple`] (the program
-/// reads it whole).
+/// `struct nf_conntrack_tuple` is known to be laid out as [`NfConntrackTuple`] and `sk_buff`
+/// to start with [`SkbConntrackAndLengths`] at `_nfct` (the program reads each whole).
 pub fn kernel_offsets() -> Result<NfOffsets, NetfilterError> {
     let path = "/sys/kernel/btf/vmlinux";
     let err = |message: String| NetfilterError::Btf { path: path.to_string(), message };
@@ -128,17 +128,26 @@ pub fn kernel_offsets() -> Result<NfOffsets, NetfilterError> {
     check_tuple_layout(&btf).map_err(err)?;
     let skb = |field: &str| member_offset(&btf, "sk_buff", &[field]).map_err(err);
     let tuplehash_size = find_struct(&btf, "nf_conntrack_tuple_hash").map_err(err)?.size() as u32;
+    let skb_nfct = skb("_nfct")?;
+    // The program reads `_nfct`, `len` and `data_len` as one `SkbConntrackAndLengths`.
+    for (field, expected) in [
+        ("len", std::mem::offset_of!(SkbConntrackAndLengths, len)),
+        ("data_len", std::mem::offset_of!(SkbConntrackAndLengths, data_len)),
+    ] {
+        let found = skb(field)?;
+        if found != skb_nfct + expected as u32 {
+            return Err(err(format!("sk_buff.{field} is at byte {found}, the program reads it at _nfct + {expected} = {}", skb_nfct + expected as u32)));
+        }
+    }
     Ok(NfOffsets {
         ready: 1,
         skb_iif: skb("skb_iif")?,
-        skb_nfct: skb("_nfct")?,
+        skb_nfct,
         skb_head: skb("head")?,
         skb_network_header: skb("network_header")?,
-        skb_len: skb("len")?,
         ct_tuplehash: member_offset(&btf, "nf_conn", &["tuplehash"]).map_err(err)?,
         tuplehash_size,
         tuplehash_tuple: member_offset(&btf, "nf_conntrack_tuple_hash", &["tuple"]).map_err(err)?,
-        skb_data_len: skb("data_len")?,
     })
 }
 
