@@ -53,4 +53,14 @@ pub static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1,
 /// Per CPU: the network and transport headers of a packet the netfilter program parses without
 /// conntrack state, copied with one helper call instead of one call per header field.
 #[map(name = "NF_HEADERS")]
-pub static NF_HEADERS: PerCpuArray<[u8; NF_HEADER_COPY_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+pub static NF_HEADERS: PerCpuArray<HeaderCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// The value of [`NF_HEADERS`]. A run of the program can be interrupted on its CPU by another
+/// run (a softirq's packet during a local process's, or a preempting task's), which takes the
+/// same buffer: every copy bumps `generation` first, and a parse whose copy's generation moved
+/// meanwhile is done again from the packet itself.
+#[repr(C)]
+pub struct HeaderCopy {
+    pub generation: u64,
+    pub bytes: [u8; NF_HEADER_COPY_BYTES],
+}

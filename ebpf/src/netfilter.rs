@@ -10,7 +10,7 @@
 //! `bpf_probe_read_kernel` at offsets the agent resolves from the running kernel's BTF
 //! (`NF_OFFSETS`), so one object serves every kernel.
 use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
-use crate::maps::{CONNTRACK, ENDPOINTS, NF_HEADERS, NF_OFFSETS, POD_ADDRESSES};
+use crate::maps::{CONNTRACK, ENDPOINTS, HeaderCopy, NF_HEADERS, NF_OFFSETS, POD_ADDRESSES};
 use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
 use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, settings, structural_drop};
 use crate::{flow, packet::Packet};
@@ -89,32 +89,52 @@ fn read_tuple(base: usize) -> Result<Tuple, ()> {
 struct KernelBytes {
     base: usize,
     len: usize,
-    /// The per-CPU copy, and how many of its bytes are the packet's (0: no copy).
-    copy: *const u8,
+    /// The per-CPU copy (null: none, every load is a helper call), how many of its bytes are
+    /// the packet's, and the copy's generation.
+    copy: *const HeaderCopy,
     copied: usize,
+    generation: u64,
 }
 
 impl KernelBytes {
+    /// Reads through the helper only.
     #[inline(always)]
-    fn new(base: usize, len: usize) -> KernelBytes {
-        let mut bytes = KernelBytes { base, len, copy: core::ptr::null(), copied: 0 };
+    fn uncopied(base: usize, len: usize) -> KernelBytes {
+        KernelBytes { base, len, copy: core::ptr::null(), copied: 0, generation: 0 }
+    }
+
+    /// Copies the headers first.
+    #[inline(always)]
+    fn copied(base: usize, len: usize) -> KernelBytes {
+        let mut bytes = KernelBytes::uncopied(base, len);
         let Some(buffer) = NF_HEADERS.get_ptr_mut(0) else { return bytes };
-        // A whole buffer's worth whatever the packet's length (a constant size for the
-        // verifier); bytes past `len` are never used. A failed copy leaves only the slow path.
-        // SAFETY: the helper writes the per-CPU value through the kernel's fault-tolerant
-        // accessor.
-        let copied = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-                buffer as *mut core::ffi::c_void,
+        // SAFETY: the per-CPU value; the generation moves before the bytes are written, so a
+        // run this one interrupted sees its copy was taken. The helper writes through the
+        // kernel's fault-tolerant accessor. A whole buffer's worth whatever the packet's
+        // length (a constant size for the verifier); bytes past `len` are never used. A failed
+        // copy leaves only the helper path.
+        unsafe {
+            let generation = (*buffer).generation.wrapping_add(1);
+            (*buffer).generation = generation;
+            let copied = aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                (*buffer).bytes.as_mut_ptr() as *mut core::ffi::c_void,
                 NF_HEADER_COPY_BYTES as u32,
                 base as *const core::ffi::c_void,
-            )
-        };
-        if copied == 0 {
-            bytes.copy = buffer as *const u8;
-            bytes.copied = len.min(NF_HEADER_COPY_BYTES);
+            );
+            if copied == 0 {
+                bytes.copy = buffer as *const HeaderCopy;
+                bytes.copied = len.min(NF_HEADER_COPY_BYTES);
+                bytes.generation = generation;
+            }
         }
         bytes
+    }
+
+    /// Whether every load so far read this packet's bytes: no other run took the copy.
+    #[inline(always)]
+    fn copy_intact(&self) -> bool {
+        // SAFETY: the per-CPU value the copy was taken into.
+        self.copy.is_null() || unsafe { core::ptr::read_volatile(&(*self.copy).generation) } == self.generation
     }
 }
 
@@ -128,7 +148,7 @@ impl PacketBytes for KernelBytes {
         if end <= NF_HEADER_COPY_BYTES && end <= self.copied {
             // SAFETY: within the per-CPU copy (checked against its size just above) and within
             // the bytes copied from the packet.
-            return Ok(unsafe { core::ptr::read_unaligned(self.copy.add(offset) as *const T) });
+            return Ok(unsafe { core::ptr::read_unaligned((*self.copy).bytes.as_ptr().add(offset) as *const T) });
         }
         // SAFETY: as in `read`.
         unsafe { bpf_probe_read_kernel((self.base + offset) as *const T) }.map_err(|_| Malformed)
@@ -171,9 +191,15 @@ fn seen(skb: usize, offsets: &NfOffsets, conntrack: &SkbConntrackAndLengths) -> 
     let network: u16 = read(skb, offsets.skb_network_header).map_err(|_| Malformed)?;
     // Only the linear area is read: at these hooks it starts at the network header.
     let linear = conntrack.len.saturating_sub(conntrack.data_len) as usize;
-    let bytes = KernelBytes::new(head + network as usize, linear);
-    let version = bytes.load::<u8>(0)? >> 4;
-    match parse_ip(&bytes, version)? {
+    let base = head + network as usize;
+    let bytes = KernelBytes::copied(base, linear);
+    let mut parsed = bytes.load::<u8>(0).and_then(|first| parse_ip(&bytes, first >> 4));
+    if !bytes.copy_intact() {
+        // Another run on this CPU took the copy while it was parsed: parse the packet itself.
+        let bytes = KernelBytes::uncopied(base, linear);
+        parsed = bytes.load::<u8>(0).and_then(|first| parse_ip(&bytes, first >> 4));
+    }
+    match parsed? {
         Parsed::Pass => Ok(None),
         Parsed::Ip(packet) => Ok(Some(Seen {
             backend: packet.dst,
