@@ -200,26 +200,26 @@ fn scenario(extra: usize) -> (EndpointProgram, std::collections::BTreeMap<ipnet:
     (program, ipcache)
 }
 
-fn measure_once(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], expect: u32) -> Result<(), Box<dyn std::error::Error>> {
+/// One `BPF_PROG_TEST_RUN` of `program` on `frame`, `repeat` times: the kernel-timed mean per
+/// run, in ns, once the program returned `expect`.
+fn timed_run(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], repeat: u32, expect: u32) -> Result<f64, Box<dyn std::error::Error>> {
     let classifier = kernel::classifier(ebpf, program)?;
-    let result = run_classifier(classifier, frame, LO, 1).map_err(|e| format!("{program}: {e}"))?;
+    let result = run_classifier(classifier, frame, LO, repeat).map_err(|e| format!("{program}: {e}"))?;
     if result.return_value != expect {
         return Err(format!("{program} returned {} instead of {expect}", result.return_value).into());
     }
-    Ok(())
+    Ok(result.duration.as_nanos() as f64)
+}
+
+fn measure_once(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], expect: u32) -> Result<(), Box<dyn std::error::Error>> {
+    timed_run(ebpf, program, frame, 1, expect).map(|_| ())
 }
 
 /// Median over rounds of the kernel-timed average per packet.
 fn measure(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], expect: u32) -> Result<f64, Box<dyn std::error::Error>> {
-    let classifier = kernel::classifier(ebpf, program)?;
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
-        let result = run_classifier(classifier, frame, LO, REPEAT).map_err(|e| format!("{program}: {e}"))?;
-        if result.return_value != expect {
-            return Err(format!("{program} returned {} instead of {expect}", result.return_value).into());
-        }
-        // With a repeat count the kernel reports the mean duration of one run.
-        rounds.push(result.duration.as_nanos() as f64);
+        rounds.push(timed_run(ebpf, program, frame, REPEAT, expect)?);
     }
     Ok(median(rounds))
 }
@@ -233,16 +233,9 @@ fn measure_new_flows(ebpf: &mut aya::Ebpf, scenario_index: usize) -> Result<f64,
         let port = u16::try_from(first).map_err(|_| "new-flow ports exhausted")?;
         // The program adds one before judging: the first run sees `port`.
         let frame = tcp("10.0.0.2", "10.0.0.1", port.wrapping_sub(1), 80, TCP_SYN);
-        let mut cost = [0.0f64; 2];
-        for (slot, program) in [PROGRAM_NEW_FLOWS, PROGRAM_NEXT_PORT].into_iter().enumerate() {
-            let classifier = kernel::classifier(ebpf, program)?;
-            let result = run_classifier(classifier, &frame, LO, NEW_FLOW_REPEAT).map_err(|e| format!("{program}: {e}"))?;
-            if result.return_value != RETURN_PASS {
-                return Err(format!("{program} returned {} instead of {RETURN_PASS}", result.return_value).into());
-            }
-            cost[slot] = result.duration.as_nanos() as f64;
-        }
-        rounds.push(cost[0] - cost[1]);
+        let new_flows = timed_run(ebpf, PROGRAM_NEW_FLOWS, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
+        let port_change = timed_run(ebpf, PROGRAM_NEXT_PORT, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
+        rounds.push(new_flows - port_change);
     }
     Ok(median(rounds))
 }

@@ -87,9 +87,11 @@ pub const fn wildcard_index(protocol: u8) -> usize {
         PROTO_TCP => 1,
         PROTO_UDP => 2,
         PROTO_SCTP => 3,
-        _ => 0,
+        _ => WILDCARD_EVERY_PROTOCOL,
     }
 }
+/// [`wildcard_index`] of the groups admitting every protocol.
+pub const WILDCARD_EVERY_PROTOCOL: usize = 0;
 
 /// Map capacities: up to [`MAX_ENDPOINTS`] pods per node, 10k pods and 1k policies in the
 /// cluster, 100k rule entries on the node.
@@ -168,6 +170,15 @@ pub struct EndpointInfo {
     pub ipv4: [u8; 4],
     pub ipv6: [u8; 16],
     pub _pad: [u8; 4],
+}
+
+impl EndpointInfo {
+    /// Whether the netfilter programs have anything to judge for this endpoint: its egress is
+    /// isolated, or it fails closed.
+    #[inline(always)]
+    pub fn enforces_egress(&self) -> bool {
+        self.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) != 0
+    }
 }
 
 /// Key of `POLICY_IDENTITY`.

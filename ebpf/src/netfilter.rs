@@ -16,7 +16,7 @@ use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, set
 use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
-    CONFIG_EGRESS_ENFORCED, CT_STATE_NEW, DIRECTION_EGRESS, EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
+    CONFIG_EGRESS_ENFORCED, CT_STATE_NEW, DIRECTION_EGRESS, FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED,
     FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, HOOK_NETFILTER, NF_HEADER_COPY_BYTES, NO_RULE, NfConntrackTuple, NfOffsets, SkbConntrackAndLengths, PROTO_ICMP,
     PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, REASON_MALFORMED,
 };
@@ -130,6 +130,12 @@ impl KernelBytes {
         bytes
     }
 
+    /// Parses the packet from its network header (the family from the header itself).
+    #[inline(always)]
+    fn parse(&self) -> Result<Parsed, Malformed> {
+        parse_ip(self, self.load::<u8>(0)? >> 4)
+    }
+
     /// Whether every load so far read this packet's bytes: no other run took the copy.
     #[inline(always)]
     fn copy_intact(&self) -> bool {
@@ -193,11 +199,10 @@ fn seen(skb: usize, offsets: &NfOffsets, conntrack: &SkbConntrackAndLengths) -> 
     let linear = conntrack.len.saturating_sub(conntrack.data_len) as usize;
     let base = head + network as usize;
     let bytes = KernelBytes::copied(base, linear);
-    let mut parsed = bytes.load::<u8>(0).and_then(|first| parse_ip(&bytes, first >> 4));
+    let mut parsed = bytes.parse();
     if !bytes.copy_intact() {
         // Another run on this CPU took the copy while it was parsed: parse the packet itself.
-        let bytes = KernelBytes::uncopied(base, linear);
-        parsed = bytes.load::<u8>(0).and_then(|first| parse_ip(&bytes, first >> 4));
+        parsed = KernelBytes::uncopied(base, linear).parse();
     }
     match parsed? {
         Parsed::Pass => Ok(None),
@@ -237,7 +242,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     // SAFETY: plain read of a map value.
     let direct = unsafe { ENDPOINTS.get(&entered_by) };
     if let Some(endpoint) = direct
-        && endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0
+        && !endpoint.enforces_egress()
     {
         return NF_ACCEPT;
     }
@@ -261,7 +266,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
             // SAFETY: plain reads of map values.
             let Some(&ifindex) = (unsafe { POD_ADDRESSES.get(&seen.original.src) }) else { return NF_ACCEPT };
             let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else { return NF_ACCEPT };
-            if endpoint.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) == 0 {
+            if !endpoint.enforces_egress() {
                 return NF_ACCEPT;
             }
             (ifindex, endpoint)

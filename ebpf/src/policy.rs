@@ -11,7 +11,7 @@ use crate::maps::{POLICY_CIDR, POLICY_IDENTITY, POLICY_PORT, POLICY_RANGE};
 use aya_ebpf::maps::lpm_trie::Key;
 use netsieve_common::{
     EP_CIDR_RULES, EP_EXACT_PORTS, EP_PORT_RANGES, EndpointInfo, NO_RULE, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
-    PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, wildcard_index,
+    PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, WILDCARD_EVERY_PROTOCOL, wildcard_index,
 };
 
 /// Rule groups whose peers admit identity `identity` (the CIDR entries aside).
@@ -43,7 +43,7 @@ fn cidr_bits(endpoint: &EndpointInfo, direction: u8, peer: &[u8; 16]) -> u64 {
 fn port_bits(endpoint: &EndpointInfo, direction: u8, protocol: u8, port: u16, has_ports: bool, wanted: u64) -> u64 {
     let dir = (direction & 1) as usize;
     if !has_ports {
-        return endpoint.wildcard_bits[dir][0];
+        return endpoint.wildcard_bits[dir][WILDCARD_EVERY_PROTOCOL];
     }
     let endpoint_id = endpoint.endpoint_id;
     if endpoint.flags & (EP_EXACT_PORTS << dir) != 0 {

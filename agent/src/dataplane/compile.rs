@@ -13,7 +13,7 @@
 //! then stands for several rules).
 use super::lpm::{self, CidrSet, PortPrefix};
 use ipnet::Ipv6Net;
-use netsieve_common::{MAX_RULE_GROUPS, PORT_RANGE_EXPAND_LIMIT, PROTO_SCTP, PROTO_TCP, PROTO_UDP, wildcard_index};
+use netsieve_common::{MAX_RULE_GROUPS, PORT_RANGE_EXPAND_LIMIT, PROTO_SCTP, PROTO_TCP, PROTO_UDP, WILDCARD_EVERY_PROTOCOL, wildcard_index};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
@@ -75,7 +75,7 @@ pub struct DirectionEntries {
     pub cidr: BTreeMap<Ipv6Net, u64>,
     /// Exact (protocol, port) entries, each with every group admitting that port.
     pub port: BTreeMap<(u8, u16), u64>,
-    /// Groups admitting every port of a protocol, by [`wildcard_index`] (0: every protocol).
+    /// Groups admitting every port of a protocol, by [`wildcard_index`].
     /// Kept in the endpoint itself, no lookup.
     pub wildcard: [u64; 4],
     /// Port ranges too large to expand, flattened for longest-prefix match.
@@ -180,7 +180,7 @@ pub fn compile_direction(input: &DirectionInput) -> Result<DirectionEntries, Com
         }
     }
     entries.cidr = lpm::flatten_cidrs(&cidr_sets);
-    entries.wildcard[wildcard_index(0)] = any_protocol;
+    entries.wildcard[WILDCARD_EVERY_PROTOCOL] = any_protocol;
     let wildcard = |protocol: u8| all_ports.get(&protocol).copied().unwrap_or(0) | any_protocol;
     for protocol in PORT_PROTOCOLS {
         entries.wildcard[wildcard_index(protocol)] = wildcard(protocol);
@@ -218,7 +218,7 @@ impl DirectionEntries {
     /// Groups whose ports admit the destination port, as the eBPF program computes them.
     pub fn port_bits(&self, protocol: u8, port: u16) -> u64 {
         if !PORT_PROTOCOLS.contains(&protocol) {
-            return self.wildcard[0];
+            return self.wildcard[WILDCARD_EVERY_PROTOCOL];
         }
         if let Some(bits) = self.port.get(&(protocol, port)) {
             return *bits;

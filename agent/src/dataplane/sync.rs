@@ -682,7 +682,7 @@ impl PolicyMaps for ModelMaps {
     type Error = std::convert::Infallible;
     fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), Self::Error> {
         self.operations += 1;
-        if info.flags & (EP_EGRESS_ISOLATED | EP_FAIL_CLOSED) != 0 && !self.egress_enforced {
+        if info.enforces_egress() && !self.egress_enforced {
             self.unguarded_egress_writes += 1;
         }
         self.endpoints.insert(ifindex, info);
