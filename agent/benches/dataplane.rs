@@ -3,7 +3,9 @@
 //! with a small policy and with 100k rule entries. Run with `cargo xtask bench` (root).
 //!
 //! Cases (issue 10's goals, in ns above the empty program):
-//! - a packet of an established flow, forward and reply (goal 60): conntrack fast path;
+//! - a packet of an established flow, forward and reply (goal 60): the flow cache, and the
+//!   conntrack fast path it falls back to when its slot holds another flow (calibration
+//!   programs: the enforcement programs with the cache off);
 //! - a denied packet (goal 100): full lookup, no conntrack write;
 //! - the first packet of a new flow (goal 150), twice: a flow conntrack has never seen (a
 //!   calibration wrapper adds one to the source port before every run, so each run inserts a
@@ -41,6 +43,8 @@ const NEW_FLOW_FIRST_PORT: u16 = 1_024;
 const LO: u32 = 1;
 const PROGRAM_NEW_FLOWS: &str = "netsieve_cal_new_flows";
 const PROGRAM_NEXT_PORT: &str = "netsieve_cal_next_port";
+const PROGRAM_TO_POD_UNCACHED: &str = "netsieve_cal_to_pod_uncached";
+const PROGRAM_FROM_POD_UNCACHED: &str = "netsieve_cal_from_pod_uncached";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
@@ -61,6 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let syn = tcp("10.0.0.2", "10.0.0.1", 40000, 80, TCP_SYN);
     let established = tcp("10.0.0.2", "10.0.0.1", 40000, 80, TCP_ACK);
     let reply = tcp("10.0.0.1", "10.0.0.2", 80, 40000, TCP_ACK);
+    let syn_ack = tcp("10.0.0.1", "10.0.0.2", 80, 40000, TCP_SYN | TCP_ACK);
     let denied = tcp("10.0.0.3", "10.0.0.1", 40000, 81, TCP_ACK);
     let service = tcp("10.0.0.1", "10.0.0.2", 41000, 8080, TCP_ACK);
 
@@ -69,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<52} {:>9} {:>13} {:>8} {:>6}",
         "case", "ns/packet", "above empty", "goal", "met"
     );
-    for program in [PROGRAM_NEW_FLOWS, PROGRAM_NEXT_PORT] {
+    for program in [PROGRAM_NEW_FLOWS, PROGRAM_NEXT_PORT, PROGRAM_TO_POD_UNCACHED, PROGRAM_FROM_POD_UNCACHED] {
         kernel::classifier(&mut ebpf, program)?.load().map_err(|e| format!("{program}: {e}"))?;
     }
     let mut sync = Synchronizer::with_capacity(Capacity::default());
@@ -88,10 +93,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let counts = sync.entry_counts();
         let total = counts.identity + counts.cidr + counts.port + counts.port_range;
         let empty = measure(&mut ebpf, PROGRAM_PASS, &established, RETURN_PASS)?;
-        // Open the flow once so the established cases hit conntrack.
+        // Open the flow (SYN, then the pod's SYN-ACK) so the established cases hit conntrack
+        // and, from their second packet on, the flow cache.
         measure_once(&mut ebpf, PROGRAM_TO_POD, &syn, RETURN_PASS)?;
+        measure_once(&mut ebpf, PROGRAM_FROM_POD, &syn_ack, RETURN_PASS)?;
         let forward = measure(&mut ebpf, PROGRAM_TO_POD, &established, RETURN_PASS)? - empty;
         let backward = measure(&mut ebpf, PROGRAM_FROM_POD, &reply, RETURN_PASS)? - empty;
+        let forward_uncached = measure(&mut ebpf, PROGRAM_TO_POD_UNCACHED, &established, RETURN_PASS)? - empty;
+        let backward_uncached = measure(&mut ebpf, PROGRAM_FROM_POD_UNCACHED, &reply, RETURN_PASS)? - empty;
         let drop = measure(&mut ebpf, PROGRAM_TO_POD, &denied, RETURN_DROP)? - empty;
         // The agent's default: events on at 1000/s per CPU. A flood of drops then finds the
         // token bucket empty on almost every packet: what a denied packet costs in production.
@@ -110,6 +119,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for (case, value, goal) in [
             ("established flow, forward packet", forward, 60.0),
             ("established flow, reply packet", backward, 60.0),
+            ("established flow, forward, cache slot taken (conntrack)", forward_uncached, 60.0),
+            ("established flow, reply, cache slot taken (conntrack)", backward_uncached, 60.0),
             ("denied packet", drop, 100.0),
             ("denied packet, events on (1000/s/CPU, default)", drop_events, 100.0),
             ("first packet of a new flow (TCP SYN, new port pair)", new_flow, 150.0),

@@ -6,8 +6,9 @@
 //!
 //! Run with `cargo xtask bench` (root), or alone with `cargo xtask bench throughput`.
 //! `NETSIEVE_BENCH_ROUNDS` and `NETSIEVE_BENCH_SECONDS` override the rounds (3) and the seconds
-//! per measurement (3). The method is in `netsieve_tests::throughput` and docs/BENCHMARKS.md.
-use netsieve_tests::throughput::{self, Config};
+//! per measurement (3); `NETSIEVE_BENCH_RATES` (a comma-separated list of `udp`, `rr`,
+//! `connections`, `bulk`) measures only those rates. The method is in `netsieve_tests::throughput` and docs/BENCHMARKS.md.
+use netsieve_tests::throughput::{self, Config, Rate};
 use std::time::Instant;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -20,7 +21,15 @@ fn read(path: &str) -> String {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let defaults = Config::default();
+    let mut measured = defaults.measured;
+    if let Ok(list) = std::env::var("NETSIEVE_BENCH_RATES") {
+        let Some(rates) = Rate::parse_list(&list) else {
+            return Err(format!("NETSIEVE_BENCH_RATES={list}: names are {}", Rate::ALL.map(Rate::short_name).join(", ")).into());
+        };
+        measured = Rate::ALL.map(|rate| rates.contains(&rate));
+    }
     let config = Config {
+        measured,
         rounds: env_or("NETSIEVE_BENCH_ROUNDS", defaults.rounds).max(1),
         seconds: env_or("NETSIEVE_BENCH_SECONDS", defaults.seconds).max(2),
         ..defaults

@@ -3,22 +3,24 @@
 //! programs on an skb built from the frame as if it were on loopback (ifindex 1), and the
 //! netfilter program on an IP packet with no conntrack entry, as if it entered by ifindex 0.
 use aya::Ebpf;
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
 use netsieve::dataplane::compile::{
     DirectionEntries, DirectionInput, PeerInput, PortSetInput, RuleInput, RuleOrigin, compile_direction,
 };
 use netsieve::dataplane::kernel::{self, PROGRAM_FROM_POD, PROGRAM_TO_POD};
-use netsieve::dataplane::lpm::{CidrSet, to_mapped};
+use netsieve::dataplane::lpm::{CidrSet, addr_bytes, to_mapped};
 use netsieve::dataplane::maps::KernelMaps;
 use netsieve::dataplane::netfilter::{self, NetfilterProgram, TEST_HOOK_POST_ROUTING};
 use netsieve::dataplane::node::{IdentityAllocator, compile_node};
-use netsieve::dataplane::packet::{Fragment, L4, PacketSpec, TCP_ACK, TCP_SYN, arp_frame};
+use netsieve::dataplane::conntrack::flow_key;
+use netsieve::dataplane::packet::{Fragment, L4, PacketSpec, TCP_ACK, TCP_FIN, TCP_SYN, arp_frame};
 use netsieve::dataplane::sync::{Capacity, EndpointProgram, NodeProgram, PolicyMaps, Synchronizer};
 use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier_from};
 use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, PodInfo, Protocol, evaluate_direction};
 use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
-    CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
+    CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowState, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN, REASON_MALFORMED, REASON_NO_ENDPOINT,
     REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
@@ -334,6 +336,98 @@ fn established_flows_are_cut_when_their_rule_is_revoked_or_their_peer_relabelled
     assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7000)), RETURN_DROP, "reply of a revoked flow");
 }
 
+/// The flow cache (a per-CPU memory of what conntrack gave a busy flow's packets) is used, and
+/// never decides differently from conntrack: a spoofed packet on the flow's ports, a FIN (which
+/// conntrack must see), a revoked rule and a relabelled peer all find it stale or missed.
+#[test]
+fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let cache: PerCpuArray<MapData, FlowCacheEntry> =
+        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
+    let conntrack: AyaHashMap<MapData, FlowKey, FlowState> =
+        AyaHashMap::try_from(k.ebpf.take_map("CONNTRACK").expect("CONNTRACK")).expect("type");
+    let cached = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
+        (0..FLOW_CACHE_SLOTS)
+            .flat_map(|slot| cache.get(&slot, 0).expect("cache slot").iter().copied().collect::<Vec<_>>())
+            .filter(|e| e.fresh_until_ns != 0 && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
+            .collect()
+    };
+    let allow_300 = || {
+        isolated(vec![RuleInput {
+            peers: vec![PeerInput::Identities([300].into())],
+            ports: ranges(&[(PROTO_TCP, 80, 80)]),
+            origin: origin(0),
+        }])
+    };
+    let peer = ("10.0.0.2", 300);
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
+
+    // A handshake, then a busy flow: the ACKs after the first come from the cache.
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_SYN)), RETURN_PASS);
+    assert!(cached(DIRECTION_INGRESS, 41001).is_empty(), "a flow conntrack holds as half-open is not cached");
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41001, TCP_SYN | TCP_ACK)), RETURN_PASS);
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_ACK)), RETURN_PASS);
+        assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41001, TCP_ACK)), RETURN_PASS);
+    }
+    let forward = cached(DIRECTION_INGRESS, 41001);
+    assert!(!forward.is_empty(), "the established flow's forward packets are cached");
+    assert!(forward.iter().all(|e| e.audit == 0 && e.rule_index != u32::MAX), "cached as allowed by its rule: {forward:?}");
+    assert!(!cached(DIRECTION_EGRESS, 41001).is_empty(), "and its replies");
+
+    // The peer's address as the source on the pod's own hook is spoofing, whatever the cache
+    // holds for the same ports the other way.
+    let spoofed_before = k.drops(REASON_SPOOFED, DIRECTION_EGRESS);
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_ACK)), RETURN_DROP);
+    assert_eq!(k.drops(REASON_SPOOFED, DIRECTION_EGRESS), spoofed_before + 1);
+
+    // A FIN goes to conntrack (the entry starts closing) although the flow is cached.
+    let key = flow_key(LO, PROTO_TCP, &addr_bytes(ip("10.0.0.2")), 41001, &addr_bytes(ip("10.0.0.1")), 80);
+    assert_eq!(conntrack.get(&key, 0).expect("entry").tcp_state, CT_STATE_ESTABLISHED);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_FIN | TCP_ACK)), RETURN_PASS);
+    assert_eq!(conntrack.get(&key, 0).expect("entry").tcp_state, CT_STATE_CLOSING);
+
+    // A second flow, cached, then the rule is revoked: cut at the next packet, both ways.
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_SYN)), RETURN_PASS);
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41002, TCP_SYN | TCP_ACK)), RETURN_PASS);
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_ACK)), RETURN_PASS);
+    }
+    assert!(!cached(DIRECTION_INGRESS, 41002).is_empty());
+    k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &[peer]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_ACK)), RETURN_DROP, "revoked rule, cached flow");
+
+    // A third, cached, then the peer is relabelled: cut at the next packet.
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_SYN)), RETURN_PASS);
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41003, TCP_SYN | TCP_ACK)), RETURN_PASS);
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_ACK)), RETURN_PASS);
+    }
+    assert!(!cached(DIRECTION_INGRESS, 41003).is_empty());
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_ACK)), RETURN_DROP, "relabelled peer, cached flow");
+
+    // An egress UDP flow and its replies, cached, then the egress rule is revoked: the replies
+    // are cut too.
+    let egress_to_300 = isolated(vec![RuleInput {
+        peers: vec![PeerInput::Identities([300].into())],
+        ports: ranges(&[(PROTO_UDP, 53, 53)]),
+        origin: origin(0),
+    }]);
+    let ingress_isolated = || DirectionEntries { isolated: true, ..Default::default() };
+    k.program_lo(&mut sync, pod(ingress_isolated(), egress_to_300), &[peer]);
+    for _ in 0..3 {
+        assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.2", 7001, 53)), RETURN_PASS);
+        assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7001)), RETURN_PASS, "reply admitted");
+    }
+    assert!(!cached(DIRECTION_INGRESS, 7001).is_empty(), "the replies are cached");
+    k.program_lo(&mut sync, pod(ingress_isolated(), isolated(vec![])), &[peer]);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7001)), RETURN_DROP, "cached reply of a revoked flow");
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.2", 7001, 53)), RETURN_DROP, "cached packet of a revoked flow");
+}
+
 #[test]
 fn hairpin_and_self_traffic_are_always_allowed() {
     let mut k = load();
@@ -609,8 +703,12 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
                 }
             }
         }
-        // Sequences: each allowed flow's next packets, after the cluster changes to `other`'s
-        // labels and policies (pods keep their addresses), judged against the new state.
+        // Sequences: each allowed flow exchanges packets (conntrack and the flow cache hold
+        // it), then its next packets, after the cluster changes to `other`'s labels and
+        // policies (pods keep their addresses), are judged against the new state.
+        packets += exchange_packets(&mut k, &allowed_flows, &stand_in, point_at, |what| {
+            disagreements.push(format!("seed {seed} sequence {what}"))
+        });
         let mut changed = state.clone();
         for (key, pod) in state.pods.iter() {
             if let Some(twin) = other.pods.iter().map(PodInfo::from_object).find(|p| p.key() == *key) {
@@ -624,16 +722,17 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         }
         let changed_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
         assert_eq!(stand_in, changed_stand_in);
-        sequences += replay_next_packets(&mut k, &allowed_flows, &changed, &changed_stand_in, point_at, |flow, direction, got| {
-            disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after the change"))
+        let mut held = vec![Held::Forward; allowed_flows.len()];
+        sequences += replay_next_packets(&mut k, &allowed_flows, &mut held, &changed, &changed_stand_in, point_at, |what| {
+            disagreements.push(format!("seed {seed} sequence {what} after the change"))
         });
         // A restart: a new agent (new synchronizer, its own revisions) programs the same state;
         // the flows' next packets are judged again and still agree.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
         let mut sync = Synchronizer::with_capacity(Capacity::default());
         let restarted_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
-        sequences += replay_next_packets(&mut k, &allowed_flows, &changed, &restarted_stand_in, point_at, |flow, direction, got| {
-            disagreements.push(format!("seed {seed} sequence {direction:?} {flow:?}: kernel {got} after a restart"))
+        sequences += replay_next_packets(&mut k, &allowed_flows, &mut held, &changed, &restarted_stand_in, point_at, |what| {
+            disagreements.push(format!("seed {seed} sequence {what} after a restart"))
         });
         // Clean maps for the next cluster: an empty node program removes every entry.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
@@ -647,33 +746,135 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
     assert!(sequences >= 400, "only {sequences} sequences");
 }
 
-/// Runs the next packet (an ACK, not a new connection) of each allowed flow on its pod's
-/// interface, judged against `state`; `disagree` gets every flow the kernel judged otherwise.
-/// Returns the number of flows replayed.
+/// The packets of one flow at its pod's interface: the next forward packet (an ACK, not a new
+/// connection) and a reply (destination to source, on the pod's other hook).
+fn next_packets(spec: &PacketSpec, reply_flags: u8) -> (PacketSpec, PacketSpec) {
+    let mut forward = spec.clone();
+    if let L4::Tcp { flags, .. } = &mut forward.l4 {
+        *flags = TCP_ACK;
+    }
+    let mut reply = PacketSpec::new(spec.dst, spec.src, spec.l4);
+    reply.l4 = match spec.l4 {
+        L4::Tcp { src_port, dst_port, .. } => L4::Tcp { src_port: dst_port, dst_port: src_port, flags: reply_flags },
+        L4::Udp { src_port, dst_port } => L4::Udp { src_port: dst_port, dst_port: src_port },
+        L4::Sctp { src_port, dst_port } => L4::Sctp { src_port: dst_port, dst_port: src_port },
+        other => other,
+    };
+    (forward, reply)
+}
+
+fn run_on(k: &mut Loaded, direction: Direction, spec: &PacketSpec) -> bool {
+    verdict(match direction {
+        Direction::Egress => k.run_from_pod(spec),
+        Direction::Ingress => k.run_to_pod(spec),
+    })
+}
+
+fn opposite(direction: Direction) -> Direction {
+    match direction {
+        Direction::Egress => Direction::Ingress,
+        Direction::Ingress => Direction::Egress,
+    }
+}
+
+/// Before a change: each allowed flow's reply (a SYN-ACK for TCP, so conntrack holds it as
+/// established), then its forward packets and replies twice more, which the flow cache then
+/// serves. All are allowed (the flows are). Returns the packets run.
+fn exchange_packets(
+    k: &mut Loaded,
+    flows: &[(String, Direction, PacketSpec, Flow)],
+    stand_in: &BTreeMap<String, u32>,
+    point_at: impl Fn(&mut Loaded, u32),
+    mut disagree: impl FnMut(String),
+) -> usize {
+    let mut packets = 0;
+    for (key, direction, spec, flow) in flows {
+        point_at(k, stand_in[key]);
+        let (_, opening_reply) = next_packets(spec, TCP_SYN | TCP_ACK);
+        let (forward, reply) = next_packets(spec, TCP_ACK);
+        let mut run = |k: &mut Loaded, hook: Direction, packet: &PacketSpec, what: &str| {
+            packets += 1;
+            if !run_on(k, hook, packet) {
+                disagree(format!("{direction:?} {flow:?}: {what} dropped before any change"));
+            }
+        };
+        run(k, opposite(*direction), &opening_reply, "opening reply");
+        for _ in 0..2 {
+            run(k, *direction, &forward, "forward packet");
+            run(k, opposite(*direction), &reply, "reply");
+        }
+    }
+    packets
+}
+
+/// Which way conntrack holds a flow at its pod's interface: as opened (the forward packets'
+/// source initiated it), reversed (a reply was admitted as a flow of its own after the flow's
+/// entry went), or not at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Forward,
+    Reverse,
+    Nothing,
+}
+
+/// The kernel's expected verdict for one packet of a flow at the pod's interface, and what
+/// conntrack holds after it. `own_allowed`: the policy admits the packet as a flow of its own
+/// (in its hook's direction); `other_allowed`: it admits the packet's reverse. A packet of the
+/// flow conntrack holds the other way is a reply, admitted while that flow is; a stale entry
+/// whose flow is no longer admitted goes, and the packet is judged (and recorded) as a new
+/// flow.
+fn expect_packet(held: &mut Held, forward_packet: bool, own_allowed: bool, other_allowed: bool) -> bool {
+    let (own, other) = if forward_packet { (Held::Forward, Held::Reverse) } else { (Held::Reverse, Held::Forward) };
+    if *held == other && other_allowed {
+        return true;
+    }
+    if *held == own && own_allowed {
+        return true;
+    }
+    *held = if own_allowed { own } else { Held::Nothing };
+    own_allowed
+}
+
+/// After a change: each allowed flow's next forward packet, then a reply, judged against
+/// `state` with what conntrack holds of the flow (`held`, updated). Returns the number of
+/// flows replayed.
+#[allow(clippy::too_many_arguments)]
 fn replay_next_packets(
     k: &mut Loaded,
     flows: &[(String, Direction, PacketSpec, Flow)],
+    held: &mut [Held],
     state: &ClusterState,
     stand_in: &BTreeMap<String, u32>,
     point_at: impl Fn(&mut Loaded, u32),
-    mut disagree: impl FnMut(&Flow, Direction, bool),
+    mut disagree: impl FnMut(String),
 ) -> usize {
-    for (key, direction, spec, flow) in flows {
+    for ((key, direction, spec, flow), held) in flows.iter().zip(held.iter_mut()) {
         point_at(k, stand_in[key]);
-        let mut next = spec.clone();
-        if let L4::Tcp { flags, .. } = &mut next.l4 {
-            *flags = TCP_ACK;
-        }
-        let expected = evaluate_direction(state, flow, *direction).allowed;
-        let got = verdict(match direction {
-            Direction::Egress => k.run_from_pod(&next),
-            Direction::Ingress => k.run_to_pod(&next),
-        });
+        let (forward, reply) = next_packets(spec, TCP_ACK);
+        let reverse = Flow { src: flow.dst.clone(), dst: flow.src.clone(), protocol: flow.protocol, port: source_port(spec) };
+        let forward_allowed = evaluate_direction(state, flow, *direction).allowed;
+        let reverse_allowed = evaluate_direction(state, &reverse, opposite(*direction)).allowed;
+        let before = *held;
+        let expected = expect_packet(held, true, forward_allowed, reverse_allowed);
+        let got = run_on(k, *direction, &forward);
         if got != expected {
-            disagree(flow, *direction, got);
+            disagree(format!("{direction:?} {flow:?} (held {before:?}): forward packet: kernel {got}"));
+        }
+        let before = *held;
+        let expected = expect_packet(held, false, reverse_allowed, forward_allowed);
+        let got = run_on(k, opposite(*direction), &reply);
+        if got != expected {
+            disagree(format!("{direction:?} {flow:?} (held {before:?}): reply: kernel {got}"));
         }
     }
     flows.len()
+}
+
+fn source_port(spec: &PacketSpec) -> u16 {
+    match spec.l4 {
+        L4::Tcp { src_port, .. } | L4::Udp { src_port, .. } | L4::Sctp { src_port, .. } => src_port,
+        L4::Icmp { id, .. } => id,
+    }
 }
 
 fn l4(protocol: Protocol, sport: u16, port: u16, ipv4: bool, tcp_flags: u8) -> L4 {

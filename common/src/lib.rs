@@ -13,7 +13,10 @@
 //!    generation is the entry's, every packet of the flow, either direction, passes on this one
 //!    lookup (the fast path), without reading the endpoint. Any reprogramming of the endpoint
 //!    or any ipcache change makes the entry stale, and its next packet is judged again, so
-//!    revoking a rule or relabelling a peer cuts existing flows at their next packet.
+//!    revoking a rule or relabelling a peer cuts existing flows at their next packet. Before
+//!    that lookup, a per-CPU direct-mapped `FLOW_CACHE` ([`FlowCacheEntry`]) may hold what the
+//!    entry gave this flow and packet direction in the last [`FLOW_CACHE_WINDOW_NS`]; the same
+//!    revision and generation checks apply, so a busy flow's packets skip the hash lookup.
 //! 2. Otherwise `ENDPOINTS[ifindex]` -> the endpoint: its slot, flags, revision, own addresses
 //!    (anti-spoofing, then the verdict below).
 //! 3. A new (or stale) flow: `IPCACHE[peer]` -> the peer's identity (0 = world), then
@@ -357,6 +360,43 @@ pub const NO_REVISION: u32 = 0;
 /// How often an established flow's timestamp is rewritten.
 pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
 
+/// How long a `FLOW_CACHE` entry may decide packets without conntrack: far below every idle
+/// timeout (10 s at least) less [`FLOW_REFRESH_NS`], so a flow the cache serves still has its
+/// conntrack entry refreshed in time, and short enough that a conntrack entry the LRU evicted
+/// is missed within a tenth of a second.
+pub const FLOW_CACHE_WINDOW_NS: u64 = 100_000_000;
+/// Slots of `FLOW_CACHE` per CPU (a power of two).
+pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
+pub const FLOW_CACHE_BITS: u32 = 6;
+
+/// The value of `FLOW_CACHE`: the judgement a conntrack entry gave one packet direction of
+/// its flow, and what it was current under. Written only by a TC program, which runs with
+/// bottom halves off, so no other run on the CPU sees it half-written.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCacheEntry {
+    /// The conntrack key (the first 44 bytes, 8-aligned: compared and copied as words).
+    pub key: FlowKey,
+    /// Whether the packet's source is end `a` of the key (its direction in the flow).
+    pub src_is_a: u8,
+    /// The pod's direction of the hook (`DIRECTION_*`).
+    pub direction: u8,
+    /// The judgement is audit (would be denied) rather than allowed.
+    pub audit: u8,
+    pub _pad: u8,
+    /// What the conntrack entry was current under: `REVISIONS[slot] == revision` and the
+    /// ipcache generation, checked on every hit as the conntrack fast path checks them.
+    pub slot: u32,
+    pub revision: u32,
+    pub ipcache_generation: u32,
+    /// `RULE_STATS` index counted on a hit.
+    pub rule_index: u32,
+    /// Coarse clock after which the entry is not used (0: empty).
+    pub fresh_until_ns: u64,
+}
+// The key is compared and copied as five words and a half (ebpf/src/flow.rs).
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44 && core::mem::size_of::<FlowCacheEntry>() == 72);
+
 /// Key of `FRAGMENTS`: an IP datagram being fragmented, on one interface.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -607,6 +647,7 @@ mod pod_impls {
     unsafe impl aya::Pod for PolicyPortRangeKeyData {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for FlowCacheEntry {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentValue {}
     unsafe impl aya::Pod for EndpointStats {}

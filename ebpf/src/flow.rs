@@ -2,7 +2,7 @@
 //! both directions of a flow find one entry with one lookup.
 use crate::packet::{Packet, TCP_FIN, TCP_RST};
 use netsieve_common::{
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_INITIATOR_A, FLOW_REFRESH_NS, FlowKey, FlowState,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_CACHE_BITS, FLOW_INITIATOR_A, FlowCacheEntry, FLOW_REFRESH_NS, FlowKey, FlowState,
     PROTO_TCP, PROTO_UDP, address_from_words, address_words,
 };
 
@@ -134,4 +134,61 @@ pub unsafe fn touch(state: *mut FlowState, protocol: u8, tcp_flags: u8, reply: b
 #[inline(always)]
 pub fn opened_state(packet: &Packet) -> u8 {
     next_state(packet.protocol, CT_STATE_NEW, packet.tcp_flags, false)
+}
+
+/// Words of a [`FlowKey`] compared and copied as `u64`s (44 bytes: five words, then one
+/// `u32`). Both sides are 8-aligned ([`FlowRef`] and the cache entry are `align(8)` with the
+/// key first).
+const KEY_WORDS: usize = 5;
+
+/// Whether a cache entry's key is the packet's flow key.
+#[inline(always)]
+pub fn same_key(entry: &FlowCacheEntry, flow: &FlowRef) -> bool {
+    let a = &entry.key as *const FlowKey as *const u64;
+    let b = &flow.key as *const FlowKey as *const u64;
+    let mut i = 0;
+    while i < KEY_WORDS {
+        // SAFETY: both keys are 44 bytes at the 8-aligned start of their structs.
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
+        }
+        i += 1;
+    }
+    // SAFETY: as above; the last four bytes.
+    unsafe { *(a.add(KEY_WORDS) as *const u32) == *(b.add(KEY_WORDS) as *const u32) }
+}
+
+/// Copies the packet's flow key into a cache entry, word by word.
+///
+/// # Safety
+/// `entry` must point to a live map value.
+#[inline(always)]
+pub unsafe fn copy_key(entry: *mut FlowCacheEntry, flow: &FlowRef) {
+    // SAFETY: as in `same_key`; the caller's pointer is a writable map value.
+    unsafe {
+        let to = &mut (*entry).key as *mut FlowKey as *mut u64;
+        let from = &flow.key as *const FlowKey as *const u64;
+        let mut i = 0;
+        while i < KEY_WORDS {
+            *to.add(i) = *from.add(i);
+            i += 1;
+        }
+        *(to.add(KEY_WORDS) as *mut u32) = *(from.add(KEY_WORDS) as *const u32);
+    }
+}
+
+/// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction: a multiplicative
+/// hash of the interface, ports, the addresses' last words and the packet's direction.
+#[inline(always)]
+pub fn cache_index(flow: &FlowRef, direction: u8) -> u32 {
+    let key = &flow.key;
+    let words = key as *const FlowKey as *const u64;
+    // SAFETY: as in `same_key`: words 1 and 3 are the low halves of the two addresses.
+    let (a_lo, b_lo) = unsafe { (*words.add(1), *words.add(3)) };
+    let mixed = key.ifindex
+        ^ (((key.port_a as u32) << 16) | key.port_b as u32)
+        ^ ((a_lo >> 32) as u32).rotate_left(7)
+        ^ ((b_lo >> 32) as u32).rotate_left(13)
+        ^ ((flow.src_is_a as u32) << 1 | direction as u32);
+    mixed.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_BITS)
 }

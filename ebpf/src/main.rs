@@ -31,13 +31,13 @@ const FRAGMENT_AUDITED: u8 = 2;
 /// TC ingress of the pod's host-side veth: traffic the pod sends (its egress policy).
 #[classifier]
 pub fn netsieve_from_pod(ctx: TcContext) -> i32 {
-    action(try_enforce(&ctx, DIRECTION_EGRESS))
+    action(try_enforce(&ctx, DIRECTION_EGRESS, true))
 }
 
 /// TC egress of the pod's host-side veth: traffic sent to the pod (its ingress policy).
 #[classifier]
 pub fn netsieve_to_pod(ctx: TcContext) -> i32 {
-    action(try_enforce(&ctx, DIRECTION_INGRESS))
+    action(try_enforce(&ctx, DIRECTION_INGRESS, true))
 }
 
 /// An empty program: the baseline the benchmarks compare against.
@@ -124,7 +124,20 @@ pub mod calibration {
         if !next_source_port(&ctx) {
             return TC_ACT_SHOT;
         }
-        action(try_enforce(&ctx, DIRECTION_INGRESS))
+        action(try_enforce(&ctx, DIRECTION_INGRESS, true))
+    }
+
+    /// The to-pod program without the flow cache: what an established flow's packet costs
+    /// when its cache slot holds another flow (conntrack decides).
+    #[classifier]
+    pub fn netsieve_cal_to_pod_uncached(ctx: TcContext) -> i32 {
+        action(try_enforce(&ctx, DIRECTION_INGRESS, false))
+    }
+
+    /// The from-pod program without the flow cache.
+    #[classifier]
+    pub fn netsieve_cal_from_pod_uncached(ctx: TcContext) -> i32 {
+        action(try_enforce(&ctx, DIRECTION_EGRESS, false))
     }
 
     /// One `bpf_probe_read_kernel` call (of the conntrack tuple's size): how the netfilter
@@ -167,9 +180,10 @@ fn action(result: Result<(), Dropped>) -> i32 {
 }
 
 /// The verdict for one packet on one pod interface. `direction` is the pod's: egress for what
-/// it sends, ingress for what it receives.
+/// it sends, ingress for what it receives. `use_cache`: the flow cache (off only in
+/// calibration programs).
 #[inline(always)]
-fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
+fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dropped> {
     // SAFETY: the context pointer is valid for the program run.
     let (ifindex, ingress_ifindex) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex) };
     let bytes = ctx.len() as u64;
@@ -186,7 +200,7 @@ fn try_enforce(ctx: &TcContext, direction: u8) -> Result<(), Dropped> {
         }
     };
     // The fast path: a packet of a flow judged earlier, under the current policy.
-    let (context, lookup) = lookup_flow(ifindex, direction, &packet);
+    let (context, lookup) = lookup_flow(ifindex, direction, &packet, use_cache);
     if let Lookup::Hit { judgement, slot } = lookup {
         account_hit(judgement, slot, direction, bytes);
         return Ok(());

@@ -3,12 +3,12 @@
 use crate::counters::{Counted, count_audit, count_drop, count_endpoint, count_rule};
 use crate::events::{EventInfo, emit};
 use crate::flow;
-use crate::maps::{CLOCK_CACHE, CONFIG, CONNTRACK, IPCACHE, REVISIONS};
-use crate::packet::Packet;
+use crate::maps::{CLOCK_CACHE, CONFIG, CONNTRACK, FLOW_CACHE, IPCACHE, REVISIONS};
+use crate::packet::{Packet, TCP_FIN, TCP_RST};
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
-    CONFIG_DEFERRAL, CONFIG_EVENTS_ALLOWED, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
+    CONFIG_DEFERRAL, CONFIG_EVENTS_ALLOWED, CT_STATE_ESTABLISHED, FLOW_CACHE_WINDOW_NS, FlowCacheEntry, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
     FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
     IDENTITY_WORLD, NO_REVISION, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
@@ -262,15 +262,76 @@ fn on_pod_side(direction: u8, state: &FlowState, forward: bool) -> bool {
     (direction == DIRECTION_EGRESS) == ((state.flags & FLOW_EGRESS != 0) == forward)
 }
 
-/// The fast path: one conntrack lookup. A live, current entry decides the packet without the
-/// endpoint: the entry's slot and revision are checked against `REVISIONS`.
+/// A packet the flow cache decides: the slot's entry is this flow and direction, fresh, and
+/// still current (the same checks as a conntrack hit). A TCP FIN or RST always goes to
+/// conntrack, which records the lifecycle change.
 #[inline(always)]
-pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet) -> (FlowContext, Lookup) {
+fn cache_hit(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction: u8, packet: &Packet) -> Option<(Judgement, u32)> {
+    // SAFETY: a per-CPU map value; only TC programs (bottom halves off) write it.
+    let entry = unsafe { &*slot? };
+    if entry.fresh_until_ns < context.now
+        || entry.direction != direction
+        || entry.src_is_a != context.flow.src_is_a as u8
+        || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        || entry.ipcache_generation != context.settings.ipcache_generation
+        || !flow::same_key(entry, &context.flow)
+    {
+        return None;
+    }
+    if REVISIONS.get(entry.slot).copied().unwrap_or(NO_REVISION) != entry.revision {
+        return None;
+    }
+    let judgement = if entry.audit != 0 {
+        Judgement::Audited { reason: REASON_POLICY_DENIED }
+    } else {
+        Judgement::Allowed { rule: entry.rule_index }
+    };
+    Some((judgement, entry.slot))
+}
+
+/// Remembers what a conntrack hit decided, if later packets may take it from the cache: an
+/// entry whose touch has nothing left to record (established, not deferred) and a packet that
+/// changes nothing (no FIN or RST).
+///
+/// # Safety
+/// `state` must point to the live conntrack value the packet hit.
+#[inline(always)]
+unsafe fn remember(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction: u8, packet: &Packet, state: *const FlowState) {
+    let Some(entry) = slot else { return };
+    // SAFETY: the caller's pointer is live for this program run.
+    let s = unsafe { &*state };
+    if s.flags & FLOW_DEFERRED != 0 || s.tcp_state != CT_STATE_ESTABLISHED || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        return;
+    }
+    // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.
+    unsafe {
+        flow::copy_key(entry, &context.flow);
+        (*entry).src_is_a = context.flow.src_is_a as u8;
+        (*entry).direction = direction;
+        (*entry).audit = (s.flags & FLOW_AUDIT != 0) as u8;
+        (*entry).slot = s.slot;
+        (*entry).revision = s.revision;
+        (*entry).ipcache_generation = s.ipcache_generation;
+        (*entry).rule_index = s.rule_index;
+        (*entry).fresh_until_ns = context.now + FLOW_CACHE_WINDOW_NS;
+    }
+}
+
+/// The fast path: the flow cache, then one conntrack lookup. A live, current entry decides
+/// the packet without the endpoint: the entry's slot and revision are checked against
+/// `REVISIONS`. `use_cache`: false only in the benchmark's calibration programs, which
+/// measure the conntrack path a packet takes when its cache slot holds another flow.
+#[inline(always)]
+pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, use_cache: bool) -> (FlowContext, Lookup) {
     let context = FlowContext { flow: flow::packet_key(ifindex, packet), settings: settings(), now: now_coarse() };
     // A TCP SYN opens a new connection: it never rides an existing entry (port reuse). A
     // fragment needs the endpoint (its verdict is recorded for the later fragments).
     if packet.is_tcp_open() || packet.fragment {
         return (context, Lookup::Miss);
+    }
+    let cache = if use_cache { FLOW_CACHE.get_ptr_mut(flow::cache_index(&context.flow, direction)) } else { None };
+    if let Some((judgement, slot)) = cache_hit(cache, &context, direction, packet) {
+        return (context, Lookup::Hit { judgement, slot });
     }
     let Some(state) = CONNTRACK.get_ptr_mut(&context.flow.key) else { return (context, Lookup::Miss) };
     // SAFETY: a live map value for this program run.
@@ -302,7 +363,10 @@ pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet) -> (FlowContext
         return (context, Lookup::Entry(state));
     }
     // SAFETY: as above.
-    unsafe { flow::touch(state, packet.protocol, packet.tcp_flags, !forward, context.now) };
+    unsafe {
+        flow::touch(state, packet.protocol, packet.tcp_flags, !forward, context.now);
+        remember(cache, &context, direction, packet, state);
+    }
     (context, Lookup::Hit { judgement: cached(s), slot: s.slot })
 }
 

@@ -33,6 +33,25 @@ pub const SMALL_UDP_PAYLOAD: usize = 22;
 impl Rate {
     pub const ALL: [Rate; 4] = [Rate::SmallUdp, Rate::RequestResponse, Rate::Connections, Rate::Bulk];
 
+    /// The short name `NETSIEVE_BENCH_RATES` takes.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Rate::SmallUdp => "udp",
+            Rate::RequestResponse => "rr",
+            Rate::Connections => "connections",
+            Rate::Bulk => "bulk",
+        }
+    }
+
+    /// The rates a comma-separated list of short names selects; `None` if a name is unknown.
+    pub fn parse_list(list: &str) -> Option<Vec<Rate>> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| Rate::ALL.into_iter().find(|rate| rate.short_name() == name))
+            .collect()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Rate::SmallUdp => "UDP, 64-byte frames",
@@ -100,11 +119,13 @@ pub struct Config {
     pub decoys: usize,
     /// Where the client's rule sits among them.
     pub client_position: usize,
+    /// Which of [`Rate::ALL`] are measured (all by default; a profile of one rate wants only it).
+    pub measured: [bool; Rate::ALL.len()],
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { rounds: 3, seconds: 3, decoys: 999, client_position: 500 }
+        Config { rounds: 3, seconds: 3, decoys: 999, client_position: 500, measured: [true; Rate::ALL.len()] }
     }
 }
 
@@ -132,6 +153,9 @@ pub fn run(config: Config, netsieve: &std::path::Path, mut progress: impl FnMut(
     let mut samples = vec![vec![Vec::new(); Enforcer::ALL.len()]; Rate::ALL.len()];
     for round in 0..config.rounds {
         for (r, rate) in Rate::ALL.iter().enumerate() {
+            if !config.measured[r] {
+                continue;
+            }
             for turn in 0..beds.len() {
                 let e = (turn + round + r) % beds.len();
                 let sample = rate.measure(&beds[e], config.seconds, cpus)?;
@@ -187,7 +211,7 @@ impl Results {
             "{:<30} {:<11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
             "rate", "unit", "no program", "netsieve", "nftables", "iptables", "nsv/none", "nft/none", "ipt/none"
         );
-        for (r, rate) in Rate::ALL.iter().enumerate() {
+        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
             let (unit, factor) = rate.unit();
             let _ = writeln!(
                 out,
@@ -204,7 +228,7 @@ impl Results {
             );
         }
         let _ = writeln!(out, "goal (issue 10): netsieve >= 0.95 of no program on every rate, and ahead of nftables and iptables");
-        for (r, rate) in Rate::ALL.iter().enumerate() {
+        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
             let (nsv, nft, ipt) = (self.ratio(r, 1), self.ratio(r, 2), self.ratio(r, 3));
             let mut missed = Vec::new();
             if nsv < 0.95 {
@@ -225,7 +249,7 @@ impl Results {
     /// Every sample, round by round.
     pub fn rounds(&self) -> String {
         let mut out = String::new();
-        for (r, rate) in Rate::ALL.iter().enumerate() {
+        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
             let (unit, factor) = rate.unit();
             let _ = writeln!(out, "{} ({unit}), per round:", rate.name());
             for (e, enforcer) in Enforcer::ALL.iter().enumerate() {
