@@ -25,7 +25,7 @@ use netsieve::dataplane::compile::{DirectionInput, PeerInput, PortSetInput, Rule
 use netsieve::dataplane::kernel::{self, PROGRAM_FROM_POD, PROGRAM_PASS, PROGRAM_TO_POD};
 use netsieve::dataplane::lpm::{CidrSet, to_mapped};
 use netsieve::dataplane::maps::KernelMaps;
-use netsieve::dataplane::netfilter::{self, NetfilterProgram, TEST_HOOK_POST_ROUTING};
+use netsieve::dataplane::netfilter::{self, KERNEL_NAME_NETFILTER, NetfilterProgram, PROGRAM_NETFILTER, TEST_HOOK_POST_ROUTING};
 use netsieve::dataplane::packet::{L4, PacketSpec, TCP_ACK, TCP_SYN};
 use netsieve::dataplane::sync::{Capacity, EndpointProgram, NodeProgram, PolicyMaps, Synchronizer};
 use netsieve::dataplane::testrun::{RETURN_DROP, RETURN_PASS, run_classifier};
@@ -149,6 +149,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let cost = measure(&mut ebpf, program, &established, RETURN_PASS)? - empty;
         println!("{piece:<52} {cost:>9.1}");
     }
+    print_program_sizes(&mut ebpf)?;
     // Flat in the number of entries: the 100k case within 10% of the small one.
     let half = above.len() / 2;
     println!("\nscaling (100k entries / small policy, goal <= 1.10):");
@@ -233,6 +234,32 @@ fn measure(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], expect: u3
         rounds.push(timed_run(ebpf, program, frame, REPEAT, expect)?);
     }
     Ok(median(rounds))
+}
+
+/// The size of each enforcement program as the kernel holds it: instructions after the
+/// verifier's rewrites, bytes of machine code, and instructions the verifier processed
+/// (every path it walked; the programs' complexity budget is a million).
+fn print_program_sizes(ebpf: &mut aya::Ebpf) -> Result<(), Box<dyn std::error::Error>> {
+    println!("\nprogram sizes (kernel's view): instructions after verification, bytes of machine code, instructions the verifier processed");
+    let mut rows = Vec::new();
+    for program in [PROGRAM_TO_POD, PROGRAM_FROM_POD, PROGRAM_PASS] {
+        rows.push((program, kernel::classifier(ebpf, program)?.info()?));
+    }
+    // The netfilter program is loaded outside aya: the newest loaded program of its name is
+    // this process's.
+    let netfilter = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str() == Some(KERNEL_NAME_NETFILTER))
+        .max_by_key(|info| info.id());
+    if let Some(info) = netfilter {
+        rows.push((PROGRAM_NETFILTER, info));
+    }
+    for (program, info) in rows {
+        let instructions = info.size_translated().map_or("-".to_string(), |bytes| (bytes / 8).to_string());
+        let processed = info.verified_instruction_count().map_or("-".to_string(), |n| n.to_string());
+        println!("{program:<52} {instructions:>9} {:>9} {processed:>9}", info.size_jitted());
+    }
+    Ok(())
 }
 
 /// The first packet of a flow conntrack has never seen, above the port change alone: median

@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 pub static NETFILTER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netsieve-netfilter"));
 /// The program's function name in that object.
 pub const PROGRAM_NETFILTER: &str = "netsieve_netfilter";
+/// The name the program is loaded under (the kernel keeps 15 bytes): `bpftool prog` shows it.
+pub const KERNEL_NAME_NETFILTER: &str = "netsieve_nf";
 
 const NFPROTO_IPV4: u32 = 2;
 const NFPROTO_IPV6: u32 = 10;
@@ -297,7 +299,7 @@ pub fn load(ebpf: &Ebpf) -> Result<NetfilterProgram, NetfilterError> {
     let instructions = &function.instructions;
     let license = c"GPL";
     let mut name = [0u8; 16];
-    name[..11].copy_from_slice(b"netsieve_nf");
+    name[..KERNEL_NAME_NETFILTER.len()].copy_from_slice(KERNEL_NAME_NETFILTER.as_bytes());
     let mut log = vec![0u8; 1 << 20];
     let mut attr = ProgLoadAttr {
         prog_type: bpf_prog_type::BPF_PROG_TYPE_NETFILTER as u32,
