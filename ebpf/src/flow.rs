@@ -177,18 +177,23 @@ pub unsafe fn copy_key(entry: *mut FlowCacheEntry, flow: &FlowRef) {
     }
 }
 
-/// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction: a multiplicative
-/// hash of the interface, ports, the addresses' last words and the packet's direction.
+/// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction. The hook's direction
+/// picks the half of the cache, a multiplicative hash of the interface, ports, the addresses'
+/// last words and the packet's end the slot within it: a flow between two pods of the node
+/// runs, on one CPU, the sender's egress hook and the receiver's ingress hook on interfaces
+/// whose indexes are usually consecutive, and those two must not share a slot (with the
+/// interface and the direction simply XORed in, `n ^ egress` and `(n + 1) ^ ingress` did).
 #[inline(always)]
 pub fn cache_index(flow: &FlowRef, direction: u8) -> u32 {
     let key = &flow.key;
     let words = key as *const FlowKey as *const u64;
     // SAFETY: as in `same_key`: words 1 and 3 are the low halves of the two addresses.
     let (a_lo, b_lo) = unsafe { (*words.add(1), *words.add(3)) };
-    let mixed = key.ifindex
+    let mixed = key.ifindex.wrapping_mul(0x9e37_79b1)
         ^ (((key.port_a as u32) << 16) | key.port_b as u32)
         ^ ((a_lo >> 32) as u32).rotate_left(7)
         ^ ((b_lo >> 32) as u32).rotate_left(13)
-        ^ ((flow.src_is_a as u32) << 1 | direction as u32);
-    mixed.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_CACHE_BITS)
+        ^ ((flow.src_is_a as u32) << 31);
+    let within_half = mixed.wrapping_mul(0x85eb_ca6b) >> (32 - (FLOW_CACHE_BITS - 1));
+    ((direction as u32 & 1) << (FLOW_CACHE_BITS - 1)) | within_half
 }
