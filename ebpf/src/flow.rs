@@ -2,8 +2,8 @@
 //! both directions of a flow find one entry with one lookup.
 use crate::packet::{Packet, TCP_FIN, TCP_RST};
 use netsieve_common::{
-    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_CACHE_BITS, FLOW_INITIATOR_A, FlowCacheEntry, FLOW_REFRESH_NS, FlowKey, FlowState,
-    PROTO_TCP, PROTO_UDP, address_from_words, address_words,
+    CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_INITIATOR_A, FlowCacheEntry, FLOW_REFRESH_NS, FlowKey, FlowState,
+    PROTO_TCP, PROTO_UDP, address_from_words, address_words, flow_cache_index,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -177,23 +177,12 @@ pub unsafe fn copy_key(entry: *mut FlowCacheEntry, flow: &FlowRef) {
     }
 }
 
-/// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction. The hook's direction
-/// picks the half of the cache, a multiplicative hash of the interface, ports, the addresses'
-/// last words and the packet's end the slot within it: a flow between two pods of the node
-/// runs, on one CPU, the sender's egress hook and the receiver's ingress hook on interfaces
-/// whose indexes are usually consecutive, and those two must not share a slot (with the
-/// interface and the direction simply XORed in, `n ^ egress` and `(n + 1) ^ ingress` did).
+/// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction
+/// ([`flow_cache_index`], with the addresses' last four bytes loaded as words).
 #[inline(always)]
 pub fn cache_index(flow: &FlowRef, direction: u8) -> u32 {
-    let key = &flow.key;
-    let words = key as *const FlowKey as *const u64;
+    let words = &flow.key as *const FlowKey as *const u64;
     // SAFETY: as in `same_key`: words 1 and 3 are the low halves of the two addresses.
     let (a_lo, b_lo) = unsafe { (*words.add(1), *words.add(3)) };
-    let mixed = key.ifindex.wrapping_mul(0x9e37_79b1)
-        ^ (((key.port_a as u32) << 16) | key.port_b as u32)
-        ^ ((a_lo >> 32) as u32).rotate_left(7)
-        ^ ((b_lo >> 32) as u32).rotate_left(13)
-        ^ ((flow.src_is_a as u32) << 31);
-    let within_half = mixed.wrapping_mul(0x85eb_ca6b) >> (32 - (FLOW_CACHE_BITS - 1));
-    ((direction as u32 & 1) << (FLOW_CACHE_BITS - 1)) | within_half
+    flow_cache_index(&flow.key, (a_lo >> 32) as u32, (b_lo >> 32) as u32, flow.src_is_a, direction)
 }
