@@ -228,11 +228,13 @@ unsafe fn rejudge(
 /// The judgement a live entry gives a packet without any policy lookup.
 #[inline(always)]
 fn cached(state: &FlowState) -> Judgement {
-    if state.flags & FLOW_AUDIT != 0 {
-        Judgement::Audited { reason: REASON_POLICY_DENIED }
-    } else {
-        Judgement::Allowed { rule: state.rule_index }
-    }
+    remembered(state.flags & FLOW_AUDIT != 0, state.rule_index)
+}
+
+/// The judgement of a flow admitted by `rule`, or passed under audit mode.
+#[inline(always)]
+fn remembered(audit: bool, rule: u32) -> Judgement {
+    if audit { Judgement::Audited { reason: REASON_POLICY_DENIED } } else { Judgement::Allowed { rule } }
 }
 
 /// What conntrack says of a packet before the endpoint is looked up.
@@ -281,12 +283,7 @@ fn cache_hit(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction
     if REVISIONS.get(entry.slot).copied().unwrap_or(NO_REVISION) != entry.revision {
         return None;
     }
-    let judgement = if entry.audit != 0 {
-        Judgement::Audited { reason: REASON_POLICY_DENIED }
-    } else {
-        Judgement::Allowed { rule: entry.rule_index }
-    };
-    Some((judgement, entry.slot))
+    Some((remembered(entry.audit != 0, entry.rule_index), entry.slot))
 }
 
 /// Remembers what a conntrack hit decided, if later packets may take it from the cache: an
