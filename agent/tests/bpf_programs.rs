@@ -362,15 +362,22 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     };
     let peer = ("10.0.0.2", 300);
     k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
+    // The peer's connection from `port` to the pod's port 80: SYN, the pod's SYN-ACK, then
+    // three ACKs each way, the later ones served by the cache.
+    let open_busy_flow = |k: &mut Loaded, port: u16| {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", port, 80, TCP_SYN)), RETURN_PASS);
+        assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, port, TCP_SYN | TCP_ACK)), RETURN_PASS);
+        for _ in 0..3 {
+            assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", port, 80, TCP_ACK)), RETURN_PASS);
+            assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, port, TCP_ACK)), RETURN_PASS);
+        }
+    };
 
-    // A handshake, then a busy flow: the ACKs after the first come from the cache.
-    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_SYN)), RETURN_PASS);
-    assert!(cached(DIRECTION_INGRESS, 41001).is_empty(), "a flow conntrack holds as half-open is not cached");
-    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41001, TCP_SYN | TCP_ACK)), RETURN_PASS);
-    for _ in 0..3 {
-        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_ACK)), RETURN_PASS);
-        assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41001, TCP_ACK)), RETURN_PASS);
-    }
+    // Half-open, a flow is not cached; busy, it is.
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41000, 80, TCP_SYN)), RETURN_PASS);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41000, 80, TCP_ACK)), RETURN_PASS);
+    assert!(cached(DIRECTION_INGRESS, 41000).is_empty(), "a flow conntrack holds as half-open is not cached");
+    open_busy_flow(&mut k, 41001);
     let forward = cached(DIRECTION_INGRESS, 41001);
     assert!(!forward.is_empty(), "the established flow's forward packets are cached");
     assert!(forward.iter().all(|e| e.audit == 0 && e.rule_index != u32::MAX), "cached as allowed by its rule: {forward:?}");
@@ -388,23 +395,15 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41001, 80, TCP_FIN | TCP_ACK)), RETURN_PASS);
     assert_eq!(conntrack.get(&key, 0).expect("entry").tcp_state, CT_STATE_CLOSING);
 
-    // A second flow, cached, then the rule is revoked: cut at the next packet, both ways.
-    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_SYN)), RETURN_PASS);
-    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41002, TCP_SYN | TCP_ACK)), RETURN_PASS);
-    for _ in 0..3 {
-        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_ACK)), RETURN_PASS);
-    }
+    // A second flow, cached, then the rule is revoked: cut at the next packet.
+    open_busy_flow(&mut k, 41002);
     assert!(!cached(DIRECTION_INGRESS, 41002).is_empty());
     k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &[peer]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_ACK)), RETURN_DROP, "revoked rule, cached flow");
 
     // A third, cached, then the peer is relabelled: cut at the next packet.
     k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
-    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_SYN)), RETURN_PASS);
-    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 41003, TCP_SYN | TCP_ACK)), RETURN_PASS);
-    for _ in 0..3 {
-        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_ACK)), RETURN_PASS);
-    }
+    open_busy_flow(&mut k, 41003);
     assert!(!cached(DIRECTION_INGRESS, 41003).is_empty());
     k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_ACK)), RETURN_DROP, "relabelled peer, cached flow");
