@@ -68,13 +68,20 @@ pub fn timeout_ns(protocol: u8, state: u8) -> u64 {
     }
 }
 
+/// Whether a TCP segment with these flags starts closing its connection (FIN or RST; 0 for
+/// other protocols).
+#[inline(always)]
+pub fn closes(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
 /// The lifecycle state after a packet. `reply`: the packet goes from responder to initiator.
 #[inline(always)]
 pub fn next_state(protocol: u8, current: u8, tcp_flags: u8, reply: bool) -> u8 {
     if protocol != PROTO_TCP {
         return CT_STATE_ESTABLISHED;
     }
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 || current == CT_STATE_CLOSING {
+    if closes(tcp_flags) || current == CT_STATE_CLOSING {
         CT_STATE_CLOSING
     } else if reply || current == CT_STATE_ESTABLISHED {
         CT_STATE_ESTABLISHED

@@ -55,11 +55,6 @@ pub static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1,
 #[map(name = "NF_HEADERS")]
 pub static NF_HEADERS: PerCpuArray<HeaderCopy> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per CPU: verdicts the conntrack fast path gave recently, by flow and packet direction, so
-/// that the next packets of a busy flow skip the conntrack hash lookup (docs/DATAPATH.md,
-/// "The flow cache"). Direct-mapped: a flow whose slot another flow took goes to conntrack.
-#[map(name = "FLOW_CACHE")]
-pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 /// The value of [`NF_HEADERS`]. A run of the program can be interrupted on its CPU by another
 /// run (a softirq's packet during a local process's, or a preempting task's), which takes the
 /// same buffer: every copy bumps `generation` first, and a parse whose copy's generation moved
@@ -69,3 +64,9 @@ pub struct HeaderCopy {
     pub generation: u64,
     pub bytes: [u8; NF_HEADER_COPY_BYTES],
 }
+
+/// Per CPU: verdicts the conntrack fast path gave recently, by flow and packet direction, so
+/// that the next packets of a busy flow skip the conntrack hash lookup (docs/DATAPATH.md,
+/// "The flow cache"). Direct-mapped: a flow whose slot another flow took goes to conntrack.
+#[map(name = "FLOW_CACHE")]
+pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);

@@ -4,7 +4,7 @@ use crate::counters::{Counted, count_audit, count_drop, count_endpoint, count_ru
 use crate::events::{EventInfo, emit};
 use crate::flow;
 use crate::maps::{CLOCK_CACHE, CONFIG, CONNTRACK, FLOW_CACHE, IPCACHE, REVISIONS};
-use crate::packet::{Packet, TCP_FIN, TCP_RST};
+use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
@@ -274,7 +274,7 @@ fn cache_hit(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction
     if entry.fresh_until_ns < context.now
         || entry.direction != direction
         || entry.src_is_a != context.flow.src_is_a as u8
-        || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        || flow::closes(packet.tcp_flags)
         || entry.ipcache_generation != context.settings.ipcache_generation
         || !flow::same_key(entry, &context.flow)
     {
@@ -297,7 +297,7 @@ unsafe fn remember(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, dir
     let Some(entry) = slot else { return };
     // SAFETY: the caller's pointer is live for this program run.
     let s = unsafe { &*state };
-    if s.flags & FLOW_DEFERRED != 0 || s.tcp_state != CT_STATE_ESTABLISHED || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if s.flags & FLOW_DEFERRED != 0 || s.tcp_state != CT_STATE_ESTABLISHED || flow::closes(packet.tcp_flags) {
         return;
     }
     // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.

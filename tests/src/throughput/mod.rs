@@ -123,6 +123,13 @@ pub struct Config {
     pub measured: [bool; Rate::ALL.len()],
 }
 
+impl Config {
+    /// The measured rates with their index in [`Rate::ALL`].
+    pub fn measured_rates(&self) -> impl Iterator<Item = (usize, Rate)> + '_ {
+        Rate::ALL.into_iter().enumerate().filter(|(r, _)| self.measured[*r])
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config { rounds: 3, seconds: 3, decoys: 999, client_position: 500, measured: [true; Rate::ALL.len()] }
@@ -152,10 +159,7 @@ pub fn run(config: Config, netsieve: &std::path::Path, mut progress: impl FnMut(
     }
     let mut samples = vec![vec![Vec::new(); Enforcer::ALL.len()]; Rate::ALL.len()];
     for round in 0..config.rounds {
-        for (r, rate) in Rate::ALL.iter().enumerate() {
-            if !config.measured[r] {
-                continue;
-            }
+        for (r, rate) in config.measured_rates() {
             for turn in 0..beds.len() {
                 let e = (turn + round + r) % beds.len();
                 let sample = rate.measure(&beds[e], config.seconds, cpus)?;
@@ -211,7 +215,7 @@ impl Results {
             "{:<30} {:<11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
             "rate", "unit", "no program", "netsieve", "nftables", "iptables", "nsv/none", "nft/none", "ipt/none"
         );
-        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
+        for (r, rate) in self.config.measured_rates() {
             let (unit, factor) = rate.unit();
             let _ = writeln!(
                 out,
@@ -228,7 +232,7 @@ impl Results {
             );
         }
         let _ = writeln!(out, "goal (issue 10): netsieve >= 0.95 of no program on every rate, and ahead of nftables and iptables");
-        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
+        for (r, rate) in self.config.measured_rates() {
             let (nsv, nft, ipt) = (self.ratio(r, 1), self.ratio(r, 2), self.ratio(r, 3));
             let mut missed = Vec::new();
             if nsv < 0.95 {
@@ -249,7 +253,7 @@ impl Results {
     /// Every sample, round by round.
     pub fn rounds(&self) -> String {
         let mut out = String::new();
-        for (r, rate) in Rate::ALL.iter().enumerate().filter(|(r, _)| self.config.measured[*r]) {
+        for (r, rate) in self.config.measured_rates() {
             let (unit, factor) = rate.unit();
             let _ = writeln!(out, "{} ({unit}), per round:", rate.name());
             for (e, enforcer) in Enforcer::ALL.iter().enumerate() {
