@@ -67,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let reply = tcp("10.0.0.1", "10.0.0.2", 80, 40000, TCP_ACK);
     let syn_ack = tcp("10.0.0.1", "10.0.0.2", 80, 40000, TCP_SYN | TCP_ACK);
     let denied = tcp("10.0.0.3", "10.0.0.1", 40000, 81, TCP_ACK);
+    let denied_syn = tcp("10.0.0.3", "10.0.0.1", 40001, 81, TCP_SYN);
     let service = tcp("10.0.0.1", "10.0.0.2", 41000, 8080, TCP_ACK);
 
     println!("netsieve dataplane benchmark: BPF_PROG_TEST_RUN, {REPEAT} repeats x {ROUNDS} rounds, median round");
@@ -102,6 +103,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let forward_uncached = measure(&mut ebpf, PROGRAM_TO_POD_UNCACHED, &established, RETURN_PASS)? - empty;
         let backward_uncached = measure(&mut ebpf, PROGRAM_FROM_POD_UNCACHED, &reply, RETURN_PASS)? - empty;
         let drop = measure(&mut ebpf, PROGRAM_TO_POD, &denied, RETURN_DROP)? - empty;
+        let drop_syn = measure(&mut ebpf, PROGRAM_TO_POD, &denied_syn, RETURN_DROP)? - empty;
+        let drop_uncached = measure(&mut ebpf, PROGRAM_TO_POD_UNCACHED, &denied, RETURN_DROP)? - empty;
         // The agent's default: events on at 1000/s per CPU. A flood of drops then finds the
         // token bucket empty on almost every packet: what a denied packet costs in production.
         maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 1000, 1000).map_err(|e| format!("settings: {e}"))?;
@@ -121,7 +124,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("established flow, reply packet", backward, 60.0),
             ("established flow, forward, cache slot taken (conntrack)", forward_uncached, 60.0),
             ("established flow, reply, cache slot taken (conntrack)", backward_uncached, 60.0),
-            ("denied packet", drop, 100.0),
+            ("denied packet (no conntrack entry, ACK)", drop, 100.0),
+            ("denied TCP SYN (a connection attempt)", drop_syn, 100.0),
+            ("denied packet, cache slot taken (full path)", drop_uncached, 100.0),
             ("denied packet, events on (1000/s/CPU, default)", drop_events, 100.0),
             ("first packet of a new flow (TCP SYN, new port pair)", new_flow, 150.0),
             ("TCP SYN on a port pair seen before (entry replaced)", reused_flow, 150.0),

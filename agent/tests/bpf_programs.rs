@@ -20,7 +20,7 @@ use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, PodInfo, Pro
 use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
     CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FLOW_CACHE_SLOTS, FlowCacheEntry, FlowKey, FlowState, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
+    CACHED_DENIAL, CACHED_FLOW, FLOW_CACHE_SLOTS, NO_FLOW_EPOCH, FlowCacheEntry, FlowKey, FlowState, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN, REASON_MALFORMED, REASON_NO_ENDPOINT,
     REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
@@ -350,7 +350,7 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     let cached = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
         (0..FLOW_CACHE_SLOTS)
             .flat_map(|slot| cache.get(&slot, 0).expect("cache slot").iter().copied().collect::<Vec<_>>())
-            .filter(|e| e.fresh_until_ns != 0 && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
+            .filter(|e| e.fresh_until_ns != 0 && e.kind == CACHED_FLOW && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
             .collect()
     };
     let allow_300 = || {
@@ -428,6 +428,87 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
 }
 
 #[test]
+fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_changes() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let cache: PerCpuArray<MapData, FlowCacheEntry> =
+        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
+    // The denials every CPU's cache holds for the flow with source port `src_port`.
+    let denials = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
+        (0..FLOW_CACHE_SLOTS)
+            .flat_map(|slot| cache.get(&slot, 0).expect("cache slot").iter().copied().collect::<Vec<_>>())
+            .filter(|e| e.fresh_until_ns != 0 && e.kind == CACHED_DENIAL && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
+            .collect()
+    };
+    let allow = |identity: u32, protocol: u8, port: u16| {
+        isolated(vec![RuleInput {
+            peers: vec![PeerInput::Identities([identity].into())],
+            ports: ranges(&[(protocol, port, port)]),
+            origin: origin(0),
+        }])
+    };
+    let peers = [("10.0.0.2", 300), ("10.0.0.3", 301)];
+    // Ingress admits identity 300 on TCP 80; egress is open.
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &peers);
+    k.settings(0, 1000, 1000);
+
+    // A denied peer's UDP packets: every one dropped, counted and reported; the denial is cached
+    // with conntrack looked up (no entry).
+    let dropped_before = k.drops(REASON_POLICY_DENIED, DIRECTION_INGRESS);
+    k.drain_events();
+    for _ in 0..5 {
+        assert_eq!(k.run_to_pod(&udp("10.0.0.3", "10.0.0.1", 5353, 53)), RETURN_DROP);
+    }
+    assert_eq!(k.drops(REASON_POLICY_DENIED, DIRECTION_INGRESS), dropped_before + 5, "cached denials are counted");
+    let events = k.drain_events();
+    assert_eq!(events.len(), 5, "and reported (events on, tokens left)");
+    assert!(events.iter().all(|e| e.verdict == VERDICT_DROPPED && e.reason as u32 == REASON_POLICY_DENIED && e.peer_identity == 301), "{events:?}");
+    let cached = denials(DIRECTION_INGRESS, 5353);
+    assert!(!cached.is_empty(), "the denial is cached");
+    assert!(cached.iter().all(|e| e.flow_epoch != NO_FLOW_EPOCH && e.peer_identity == 301), "{cached:?}");
+    // The pod then sends to the peer from port 53: conntrack records that flow, and the peer's
+    // packets are its replies, admitted at once whatever the cache held.
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.3", 53, 5353)), RETURN_PASS);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.3", "10.0.0.1", 5353, 53)), RETURN_PASS, "a reply, although its denial was cached");
+
+    // A TCP SYN's denial (taken without conntrack) stands for SYNs only: the peer's SYN on the
+    // port pair of a connection the pod opened is denied, the connection's replies are not.
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.3", 81, 6000, TCP_SYN)), RETURN_PASS);
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_SYN)), RETURN_DROP);
+    }
+    assert!(denials(DIRECTION_INGRESS, 6000).iter().any(|e| e.flow_epoch == NO_FLOW_EPOCH), "a SYN's denial is cached");
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_SYN | TCP_ACK)), RETURN_PASS, "the connection's reply");
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_ACK)), RETURN_PASS);
+
+    // A cached denial yields to a policy change at the next packet...
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&udp("10.0.0.3", "10.0.0.1", 7000, 53)), RETURN_DROP);
+    }
+    assert!(!denials(DIRECTION_INGRESS, 7000).is_empty());
+    k.program_lo(&mut sync, pod(allow(301, PROTO_UDP, 53), DirectionEntries::default()), &peers);
+    assert_eq!(k.run_to_pod(&udp("10.0.0.3", "10.0.0.1", 7000, 53)), RETURN_PASS, "admitted by the new rule");
+    // ... and to the peer's relabelling.
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &peers);
+    for _ in 0..3 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 7001, 80, TCP_SYN)), RETURN_DROP);
+    }
+    assert!(!denials(DIRECTION_INGRESS, 7001).is_empty());
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.3", 300)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 7001, 80, TCP_SYN)), RETURN_PASS, "the peer now has an admitted identity");
+
+    // An egress packet to an unknown address, judged and denied while nothing defers it, is
+    // deferred to the netfilter hook once deferral is on (a cached denial does not outlive it).
+    k.program_lo(&mut sync, pod(DirectionEntries::default(), allow(300, PROTO_UDP, 53)), &peers);
+    for _ in 0..3 {
+        assert_eq!(k.run_from_pod(&udp("10.0.0.1", "192.0.2.1", 9000, 53)), RETURN_DROP);
+    }
+    assert!(!denials(DIRECTION_EGRESS, 9000).is_empty());
+    k.settings(CONFIG_NETFILTER_ACTIVE | CONFIG_EGRESS_ENFORCED, 1000, 1000);
+    assert_eq!(k.run_from_pod(&udp("10.0.0.1", "192.0.2.1", 9000, 53)), RETURN_PASS, "deferred to the netfilter hook");
+}
+
+#[test]
 fn hairpin_and_self_traffic_are_always_allowed() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
@@ -438,6 +519,8 @@ fn hairpin_and_self_traffic_are_always_allowed() {
     let hairpin = tcp("172.31.0.1", "10.0.0.1", 40000, 8080, TCP_SYN).frame();
     assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, LO), RETURN_PASS);
     assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, 77), RETURN_DROP, "the same packet from elsewhere");
+    assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, 77), RETURN_DROP, "again (its denial cached)");
+    assert_eq!(k.run(PROGRAM_TO_POD, &hairpin, LO), RETURN_PASS, "hairpin traffic never takes a cached denial");
     // The netfilter hook sees the pod's packet to itself after DNAT: allowed.
     assert_eq!(k.netfilter(&tcp("10.0.0.1", "10.0.0.1", 40000, 8080, TCP_SYN)), NF_ACCEPT);
     assert_eq!(k.netfilter(&tcp("10.0.0.1", "10.0.0.2", 40000, 8080, TCP_SYN)), NF_DROP);
@@ -657,6 +740,8 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         peers.extend(scenario.outside_ips.iter().map(|ip| FlowEndpoint { ip: *ip, pod: None }));
         // Allowed flows, for the sequences below: (pod, direction, spec).
         let mut allowed_flows: Vec<(String, Direction, PacketSpec, Flow)> = Vec::new();
+        // Denied flows, likewise: their repeated packets ride the flow cache's denials.
+        let mut denied_flows: Vec<(String, Direction, PacketSpec, Flow)> = Vec::new();
         for pod in state.pods.values() {
             point_at(&mut k, stand_in[&pod.key()]);
             for own_ip in &pod.ips {
@@ -693,8 +778,11 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
                                         disagreements.push(format!("seed {seed} netfilter {flow:?}: kernel {nf}"));
                                     }
                                 }
-                                if expected && protocol != Protocol::Icmp && allowed_flows.len() < 40 && port % 2 == 0 {
-                                    allowed_flows.push((pod.key(), direction, spec, flow));
+                                if protocol != Protocol::Icmp && port % 2 == 0 {
+                                    let sample = if expected { &mut allowed_flows } else { &mut denied_flows };
+                                    if sample.len() < 40 {
+                                        sample.push((pod.key(), direction, spec, flow));
+                                    }
                                 }
                             }
                         }
@@ -708,6 +796,11 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         packets += exchange_packets(&mut k, &allowed_flows, &stand_in, point_at, |what| {
             disagreements.push(format!("seed {seed} sequence {what}"))
         });
+        let (denied_packets, denied_held) = exchange_denied_packets(&mut k, &denied_flows, &state, &stand_in, point_at, |what| {
+            disagreements.push(format!("seed {seed} denied sequence {what}"))
+        });
+        packets += denied_packets;
+        let sequence_flows: Vec<_> = allowed_flows.iter().chain(denied_flows.iter()).cloned().collect();
         let mut changed = state.clone();
         for (key, pod) in state.pods.iter() {
             if let Some(twin) = other.pods.iter().map(PodInfo::from_object).find(|p| p.key() == *key) {
@@ -721,8 +814,9 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         }
         let changed_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
         assert_eq!(stand_in, changed_stand_in);
-        let mut held = vec![Held::Forward; allowed_flows.len()];
-        sequences += replay_next_packets(&mut k, &allowed_flows, &mut held, &changed, &changed_stand_in, point_at, |what| {
+        let mut held: Vec<Held> = vec![Held::Forward; allowed_flows.len()];
+        held.extend(denied_held);
+        sequences += replay_next_packets(&mut k, &sequence_flows, &mut held, &changed, &changed_stand_in, point_at, |what| {
             disagreements.push(format!("seed {seed} sequence {what} after the change"))
         });
         // A restart: a new agent (new synchronizer, its own revisions) programs the same state;
@@ -730,7 +824,7 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
         let mut sync = Synchronizer::with_capacity(Capacity::default());
         let restarted_stand_in = program_all(&changed, &mut ids, &mut sync, &mut k.maps);
-        sequences += replay_next_packets(&mut k, &allowed_flows, &mut held, &changed, &restarted_stand_in, point_at, |what| {
+        sequences += replay_next_packets(&mut k, &sequence_flows, &mut held, &changed, &restarted_stand_in, point_at, |what| {
             disagreements.push(format!("seed {seed} sequence {what} after a restart"))
         });
         // Clean maps for the next cluster: an empty node program removes every entry.
@@ -804,6 +898,52 @@ fn exchange_packets(
         }
     }
     packets
+}
+
+/// Before a change: each denied flow's next forward packet twice (the second one decided by
+/// the denial the flow cache holds), its reply (judged as a flow of its own, and recorded if
+/// admitted), then the forward packet again, a reply to that flow if it was admitted whatever
+/// the cache held. Returns the packets run and how conntrack holds each flow.
+fn exchange_denied_packets(
+    k: &mut Loaded,
+    flows: &[(String, Direction, PacketSpec, Flow)],
+    state: &ClusterState,
+    stand_in: &BTreeMap<String, u32>,
+    point_at: impl Fn(&mut Loaded, u32),
+    mut disagree: impl FnMut(String),
+) -> (usize, Vec<Held>) {
+    let mut packets = 0;
+    let mut held_by_flow = Vec::with_capacity(flows.len());
+    for (key, direction, spec, flow) in flows {
+        point_at(k, stand_in[key]);
+        let (forward, reply) = next_packets(spec, TCP_ACK);
+        let reverse = Flow { src: flow.dst.clone(), dst: flow.src.clone(), protocol: flow.protocol, port: source_port(spec) };
+        let forward_allowed = evaluate_direction(state, flow, *direction).allowed;
+        let reverse_allowed = evaluate_direction(state, &reverse, opposite(*direction)).allowed;
+        let mut held = Held::Nothing;
+        let steps = [
+            (true, &forward, "forward packet"),
+            (true, &forward, "forward packet again"),
+            (false, &reply, "reply"),
+            (true, &forward, "forward packet after the reply"),
+        ];
+        for (forward_packet, packet, what) in steps {
+            let (hook, own, other) = if forward_packet {
+                (*direction, forward_allowed, reverse_allowed)
+            } else {
+                (opposite(*direction), reverse_allowed, forward_allowed)
+            };
+            let before = held;
+            let expected = expect_packet(&mut held, forward_packet, own, other);
+            let got = run_on(k, hook, packet);
+            packets += 1;
+            if got != expected {
+                disagree(format!("{direction:?} {flow:?} (held {before:?}): {what}: kernel {got}"));
+            }
+        }
+        held_by_flow.push(held);
+    }
+    (packets, held_by_flow)
 }
 
 /// Which way conntrack holds a flow at its pod's interface: as opened (the forward packets'

@@ -369,9 +369,26 @@ pub const FLOW_CACHE_WINDOW_NS: u64 = 100_000_000;
 pub const FLOW_CACHE_SLOTS: u32 = 1 << FLOW_CACHE_BITS;
 pub const FLOW_CACHE_BITS: u32 = 6;
 
+/// `FlowCacheEntry::kind`: the verdict a conntrack hit gave (an established flow).
+pub const CACHED_FLOW: u8 = 0;
+/// `FlowCacheEntry::kind`: a denial the full path took on a packet no conntrack entry
+/// admitted (docs/DATAPATH.md, "Denials in the flow cache").
+pub const CACHED_DENIAL: u8 = 1;
+
+/// Slots of `FLOW_EPOCHS` (a power of two): an interface's epoch is at `ifindex` modulo this.
+/// Interfaces sharing a slot only make each other's cached denials expire sooner.
+pub const FLOW_EPOCH_SLOTS: u32 = 1024;
+
+/// The `FLOW_EPOCHS` slot of an interface's conntrack entries.
+#[inline(always)]
+pub fn flow_epoch_index(ifindex: u32) -> u32 {
+    ifindex & (FLOW_EPOCH_SLOTS - 1)
+}
+
 /// The value of `FLOW_CACHE`: the judgement a conntrack entry gave one packet direction of
-/// its flow, and what it was current under. Written only by a TC program, which runs with
-/// bottom halves off, so no other run on the CPU sees it half-written.
+/// its flow, or a denial of a packet no entry admitted, and what it was current under.
+/// Written only by a TC program, which runs with bottom halves off, so no other run on the
+/// CPU sees it half-written.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCacheEntry {
@@ -383,9 +400,10 @@ pub struct FlowCacheEntry {
     pub direction: u8,
     /// The judgement is audit (would be denied) rather than allowed.
     pub audit: u8,
-    pub _pad: u8,
-    /// What the conntrack entry was current under: `REVISIONS[slot] == revision` and the
-    /// ipcache generation, checked on every hit as the conntrack fast path checks them.
+    /// [`CACHED_FLOW`] or [`CACHED_DENIAL`].
+    pub kind: u8,
+    /// What the verdict was current under: `REVISIONS[slot] == revision` and the ipcache
+    /// generation, checked on every hit as the conntrack fast path checks them.
     pub slot: u32,
     pub revision: u32,
     pub ipcache_generation: u32,
@@ -393,7 +411,26 @@ pub struct FlowCacheEntry {
     pub rule_index: u32,
     /// Coarse clock after which the entry is not used (0: empty).
     pub fresh_until_ns: u64,
+    /// Denials judged after a conntrack miss: `FLOW_EPOCHS` of the interface, read before
+    /// that lookup. Any conntrack entry inserted since on the interface moves the epoch, so
+    /// the denial stands for a packet other than a SYN only while the epoch holds this value.
+    /// [`NO_FLOW_EPOCH`] for a TCP SYN's denial (taken without conntrack, which cannot change
+    /// a SYN's verdict): it stands for SYNs only.
+    pub flow_epoch: u64,
+    /// Denials: the peer's identity (for events).
+    pub peer_identity: u32,
+    /// Denials: the `REASON_*` counted.
+    pub reason: u8,
+    /// Denials: whether egress deferral to the netfilter hook was on (`CONFIG_DEFERRAL`), which
+    /// decides whether an egress packet to an unknown address is judged or deferred.
+    pub deferral: u8,
+    pub _pad: [u8; 2],
 }
+
+/// `FlowCacheEntry::flow_epoch` of a denial taken without a conntrack lookup: an epoch never
+/// reaches it (2^64 inserts), so such a denial never stands for a packet conntrack may admit.
+pub const NO_FLOW_EPOCH: u64 = u64::MAX;
+
 /// The `FLOW_CACHE` slot of a packet: the hook's direction picks the half of the cache, a
 /// multiplicative hash of the interface, the key's ports, the last four bytes of each address
 /// (`a_last`, `b_last`: as the program loads them) and the packet's end the slot within it. A
@@ -413,7 +450,7 @@ pub fn flow_cache_index(key: &FlowKey, a_last: u32, b_last: u32, src_is_a: bool,
 }
 
 // The key is compared and copied as five words and a half (ebpf/src/flow.rs).
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 44 && core::mem::size_of::<FlowCacheEntry>() == 72);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44 && core::mem::size_of::<FlowCacheEntry>() == 88);
 
 /// Key of `FRAGMENTS`: an IP datagram being fragmented, on one interface.
 #[repr(C)]

@@ -1,9 +1,10 @@
 //! Conntrack of netsieve's own: flows allowed on a pod interface, keyed canonically so that
 //! both directions of a flow find one entry with one lookup.
+use crate::maps::{CONNTRACK, FLOW_EPOCHS};
 use crate::packet::{Packet, TCP_FIN, TCP_RST};
 use netsieve_common::{
     CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, FLOW_INITIATOR_A, FlowCacheEntry, FLOW_REFRESH_NS, FlowKey, FlowState,
-    PROTO_TCP, PROTO_UDP, address_from_words, address_words, flow_cache_index,
+    PROTO_TCP, PROTO_UDP, address_from_words, address_words, flow_cache_index, flow_epoch_index,
 };
 
 const NS: u64 = 1_000_000_000;
@@ -192,4 +193,42 @@ pub fn cache_index(flow: &FlowRef, direction: u8) -> u32 {
     // SAFETY: as in `same_key`: words 1 and 3 are the low halves of the two addresses.
     let (a_lo, b_lo) = unsafe { (*words.add(1), *words.add(3)) };
     flow_cache_index(&flow.key, (a_lo >> 32) as u32, (b_lo >> 32) as u32, flow.src_is_a, direction)
+}
+
+/// The conntrack epoch of an interface (`FLOW_EPOCHS`): read before a conntrack lookup whose
+/// miss a cached denial will vouch for.
+#[inline(always)]
+pub fn epoch(ifindex: u32) -> u64 {
+    FLOW_EPOCHS.get(flow_epoch_index(ifindex)).copied().unwrap_or(0)
+}
+
+/// Inserts a conntrack entry, then moves its interface's epoch: a denial cached after a
+/// lookup that missed this entry (its epoch read before that lookup, so before this move)
+/// no longer stands. An LRU map makes room by itself; a failed insert only loses the fast path.
+#[inline(always)]
+pub fn insert(key: &FlowKey, state: &FlowState) {
+    let _ = CONNTRACK.insert(key, state, 0);
+    if let Some(epoch) = FLOW_EPOCHS.get_ptr_mut(flow_epoch_index(key.ifindex)) {
+        // SAFETY: an array value, valid and 8-aligned for the program run; every CPU updates
+        // it only through this atomic add.
+        unsafe { add_one_atomically(epoch) };
+    }
+}
+
+/// Adds one to `*counter` with an atomic add (BPF's `lock xadd`).
+///
+/// # Safety
+/// `counter` must be valid and 8-aligned.
+#[inline(always)]
+unsafe fn add_one_atomically(counter: *mut u64) {
+    #[cfg(target_arch = "bpf")]
+    // SAFETY: the caller's pointer is valid and aligned.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::SeqCst }>(counter, 1);
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    // SAFETY: as above.
+    unsafe {
+        core::sync::atomic::AtomicU64::from_ptr(counter).fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    }
 }

@@ -21,7 +21,10 @@ use netsieve_common::{
 use netsieve_ebpf::counters::{Counted, count_audit, count_endpoint};
 use netsieve_ebpf::maps::{ENDPOINTS, FRAGMENTS};
 use netsieve_ebpf::packet::{Malformed, Packet, Parsed, TcFrame, parse_frame};
-use netsieve_ebpf::verdict::{Judgement, Lookup, account, account_hit, is_spoofed, judge_tc_packet, lookup_flow, structural_drop};
+use netsieve_ebpf::verdict::{
+    EndpointTag, Judgement, Lookup, account, account_cached_denial, account_hit, is_spoofed, judge_tc_packet, lookup_flow, remember_denial,
+    structural_drop,
+};
 
 /// `FragmentValue::allowed`: what the first fragment's verdict was.
 const FRAGMENT_DENIED: u8 = 0;
@@ -199,11 +202,22 @@ fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dr
             return Err(Dropped);
         }
     };
+    // A packet leaving the interface it entered by: the pod reaching itself through a Service
+    // (hairpin, source masqueraded).
+    let hairpin = direction == DIRECTION_INGRESS && ingress_ifindex == ifindex;
     // The fast path: a packet of a flow judged earlier, under the current policy.
-    let (context, lookup) = lookup_flow(ifindex, direction, &packet, use_cache);
-    if let Lookup::Hit { judgement, slot } = lookup {
-        account_hit(judgement, slot, direction, bytes);
-        return Ok(());
+    let (context, lookup) = lookup_flow(ifindex, direction, &packet, hairpin, use_cache);
+    match lookup {
+        Lookup::Hit { judgement, slot } => {
+            account_hit(judgement, slot, direction, bytes);
+            return Ok(());
+        }
+        Lookup::CachedDenial(entry) => {
+            // SAFETY: the packet's flow cache slot, live for this program run.
+            unsafe { account_cached_denial(entry, ifindex, direction, &packet, bytes) };
+            return Err(Dropped);
+        }
+        Lookup::Entry(_) | Lookup::Miss => {}
     }
     // SAFETY: plain read of a map value.
     let Some(endpoint) = (unsafe { ENDPOINTS.get(&ifindex) }) else {
@@ -219,9 +233,6 @@ fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dr
     if packet.later_fragment {
         return later_fragment(ifindex, direction, endpoint, &packet, bytes);
     }
-    // A packet leaving the interface it entered by: the pod reaching itself through a Service
-    // (hairpin, source masqueraded).
-    let hairpin = direction == DIRECTION_INGRESS && ingress_ifindex == ifindex;
     let outcome = judge_tc_packet(direction, endpoint, &packet, hairpin, &context, lookup);
     if packet.fragment {
         let allowed = match outcome.judgement {
@@ -232,7 +243,8 @@ fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dr
         let value = FragmentValue { allowed, _pad1: 0, _pad2: 0, src_port: packet.src_port, dst_port: packet.dst_port };
         let _ = FRAGMENTS.insert(&fragment_key(ifindex, &packet), &value, 0);
     }
-    account(&outcome, ifindex, direction, endpoint, &packet, bytes, HOOK_TC, None);
+    remember_denial(&context, direction, endpoint, &outcome, lookup, hairpin);
+    account(&outcome, ifindex, direction, EndpointTag::of(endpoint), &packet, bytes, HOOK_TC, None);
     match outcome.judgement {
         Judgement::Denied { .. } => Err(Dropped),
         _ => Ok(()),

@@ -70,3 +70,10 @@ pub struct HeaderCopy {
 /// "The flow cache"). Direct-mapped: a flow whose slot another flow took goes to conntrack.
 #[map(name = "FLOW_CACHE")]
 pub static FLOW_CACHE: PerCpuArray<FlowCacheEntry> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// Per interface (`flow_epoch_index`), a count of the conntrack entries inserted for it: moved
+/// after every insert, read before a conntrack lookup that misses, so a denial the flow cache
+/// holds for a flow with no entry is dropped as soon as an entry for the interface may exist
+/// (docs/DATAPATH.md, "Denials in the flow cache"). Pinned beside `CONNTRACK` across restarts.
+#[map(name = "FLOW_EPOCHS")]
+pub static FLOW_EPOCHS: Array<u64> = Array::with_max_entries(FLOW_EPOCH_SLOTS, 0);

@@ -12,7 +12,7 @@
 use crate::counters::{Counted, count_endpoint, count_rule, count_audit};
 use crate::maps::{CONNTRACK, ENDPOINTS, HeaderCopy, NF_HEADERS, NF_OFFSETS, POD_ADDRESSES};
 use crate::packet::{Malformed, PacketBytes, Parsed, parse_ip};
-use crate::verdict::{Judgement, Outcome, account, judge_flow, now_netfilter, settings, structural_drop};
+use crate::verdict::{EndpointTag, Judgement, Outcome, account, judge_flow, now_netfilter, settings, structural_drop};
 use crate::{flow, packet::Packet};
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use netsieve_common::{
@@ -352,7 +352,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
                 _pad: 0,
                 created_ns: now,
             };
-            let _ = CONNTRACK.insert(&flow.key, &state, 0);
+            flow::insert(&flow.key, &state);
         }
         (Some(state), None) => {
             // Revoked or never allowed: replies are no longer admitted either.
@@ -363,7 +363,7 @@ pub unsafe fn judge_netfilter(ctx: *const NfContext) -> i32 {
     }
     let outcome = Outcome { judgement, identity, fresh: true };
     let original_dst = if translated { Some((&original.dst, original.dst_port)) } else { None };
-    account(&outcome, ifindex, DIRECTION_EGRESS, endpoint, &packet, bytes, HOOK_NETFILTER, original_dst);
+    account(&outcome, ifindex, DIRECTION_EGRESS, EndpointTag::of(endpoint), &packet, bytes, HOOK_NETFILTER, original_dst);
     match judgement {
         Judgement::Denied { .. } => NF_DROP,
         _ => NF_ACCEPT,

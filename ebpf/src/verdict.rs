@@ -8,7 +8,7 @@ use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
-    CONFIG_DEFERRAL, CONFIG_EVENTS_ALLOWED, CT_STATE_ESTABLISHED, FLOW_CACHE_WINDOW_NS, FlowCacheEntry, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
+    CACHED_DENIAL, CACHED_FLOW, CONFIG_DEFERRAL, HOOK_TC, NO_FLOW_EPOCH, CONFIG_EVENTS_ALLOWED, CT_STATE_ESTABLISHED, FLOW_CACHE_WINDOW_NS, FlowCacheEntry, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
     FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
     IDENTITY_WORLD, NO_REVISION, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
@@ -243,6 +243,9 @@ pub enum Lookup {
     /// Decided by conntrack alone (the fast path): the judgement, and the endpoint slot to
     /// count it against.
     Hit { judgement: Judgement, slot: u32 },
+    /// A denial the flow cache holds for this flow and direction, still current (the entry):
+    /// counted and reported as the full path's drop would be ([`account_cached_denial`]).
+    CachedDenial(*const FlowCacheEntry),
     /// An entry the endpoint is needed for (stale, or a reply to a deferred flow the netfilter
     /// hook has not confirmed).
     Entry(*mut FlowState),
@@ -254,6 +257,32 @@ pub struct FlowContext {
     pub flow: flow::FlowRef,
     pub settings: Settings,
     pub now: u64,
+    /// The packet's flow cache slot (none for fragments and in calibration programs).
+    pub cache: Option<*mut FlowCacheEntry>,
+    /// The interface's conntrack epoch, read before the conntrack lookup ([`NO_FLOW_EPOCH`]
+    /// when conntrack was not looked up: a TCP SYN, a fragment, a flow cache hit; not an
+    /// `Option`, as the programs are close to the 512-byte stack limit).
+    pub flow_epoch: u64,
+}
+
+/// The endpoint slot and revision a verdict is counted and reported against.
+#[derive(Clone, Copy)]
+pub struct EndpointTag {
+    pub slot: u32,
+    pub revision: u32,
+}
+
+impl EndpointTag {
+    #[inline(always)]
+    pub fn of(endpoint: &EndpointInfo) -> EndpointTag {
+        EndpointTag { slot: endpoint.endpoint_id, revision: endpoint.revision }
+    }
+}
+
+/// Whether egress deferral to the netfilter hook is on.
+#[inline(always)]
+fn deferral_on(settings: &Settings) -> bool {
+    settings.flags & CONFIG_DEFERRAL == CONFIG_DEFERRAL
 }
 
 /// Whether a packet at a hook of `direction` comes from (egress) or goes to (ingress) the
@@ -265,25 +294,69 @@ fn on_pod_side(direction: u8, state: &FlowState, forward: bool) -> bool {
 }
 
 /// A packet the flow cache decides: the slot's entry is this flow and direction, fresh, and
-/// still current (the same checks as a conntrack hit). A TCP FIN or RST always goes to
-/// conntrack, which records the lifecycle change.
+/// still current (the same checks as a conntrack hit). A conntrack verdict serves neither a
+/// TCP SYN (a new connection, judged afresh) nor a FIN or RST (conntrack records the lifecycle
+/// change). A denial serves a SYN always, any other packet only if conntrack held no entry
+/// and none was inserted on the interface since; never a hairpin packet (always allowed) nor
+/// an egress packet after deferral to the netfilter hook was switched.
 #[inline(always)]
-fn cache_hit(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction: u8, packet: &Packet) -> Option<(Judgement, u32)> {
+fn cache_hit(context: &FlowContext, direction: u8, packet: &Packet, hairpin: bool, opening: bool) -> Option<Lookup> {
     // SAFETY: a per-CPU map value; only TC programs (bottom halves off) write it.
-    let entry = unsafe { &*slot? };
+    let entry = unsafe { &*context.cache? };
     if entry.fresh_until_ns < context.now
         || entry.direction != direction
         || entry.src_is_a != context.flow.src_is_a as u8
-        || flow::closes(packet.tcp_flags)
         || entry.ipcache_generation != context.settings.ipcache_generation
         || !flow::same_key(entry, &context.flow)
     {
         return None;
     }
+    if entry.kind == CACHED_DENIAL {
+        if hairpin || entry.deferral != deferral_on(&context.settings) as u8 {
+            return None;
+        }
+        // A SYN's denial holds `NO_FLOW_EPOCH`, which no epoch reaches.
+        if !opening && flow::epoch(context.flow.key.ifindex) != entry.flow_epoch {
+            return None;
+        }
+    } else if opening || flow::closes(packet.tcp_flags) {
+        return None;
+    }
     if REVISIONS.get(entry.slot).copied().unwrap_or(NO_REVISION) != entry.revision {
         return None;
     }
-    Some((remembered(entry.audit != 0, entry.rule_index), entry.slot))
+    if entry.kind == CACHED_DENIAL {
+        return Some(Lookup::CachedDenial(entry));
+    }
+    Some(Lookup::Hit { judgement: remembered(entry.audit != 0, entry.rule_index), slot: entry.slot })
+}
+
+/// Remembers a denial the full path took, if later packets of the flow may take it from the
+/// cache: judged without a conntrack entry (a miss, not a stale entry) on a packet that is
+/// neither a fragment nor hairpin traffic. A SYN's denial (conntrack not looked up) stands
+/// for SYNs only.
+#[inline(always)]
+pub fn remember_denial(context: &FlowContext, direction: u8, endpoint: &EndpointInfo, outcome: &Outcome, lookup: Lookup, hairpin: bool) {
+    let (Some(entry), Judgement::Denied { reason }, Lookup::Miss, false) = (context.cache, outcome.judgement, lookup, hairpin) else {
+        return;
+    };
+    // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.
+    unsafe {
+        flow::copy_key(entry, &context.flow);
+        (*entry).src_is_a = context.flow.src_is_a as u8;
+        (*entry).direction = direction;
+        (*entry).audit = 0;
+        (*entry).kind = CACHED_DENIAL;
+        (*entry).slot = endpoint.endpoint_id;
+        (*entry).revision = endpoint.revision;
+        (*entry).ipcache_generation = context.settings.ipcache_generation;
+        (*entry).rule_index = NO_RULE;
+        (*entry).fresh_until_ns = context.now + FLOW_CACHE_WINDOW_NS;
+        (*entry).flow_epoch = context.flow_epoch;
+        (*entry).peer_identity = outcome.identity;
+        (*entry).reason = reason as u8;
+        (*entry).deferral = deferral_on(&context.settings) as u8;
+    }
 }
 
 /// Remembers what a conntrack hit decided, if later packets may take it from the cache: an
@@ -293,8 +366,8 @@ fn cache_hit(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction
 /// # Safety
 /// `state` must point to the live conntrack value the packet hit.
 #[inline(always)]
-unsafe fn remember(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, direction: u8, packet: &Packet, state: *const FlowState) {
-    let Some(entry) = slot else { return };
+unsafe fn remember(context: &FlowContext, direction: u8, packet: &Packet, state: *const FlowState) {
+    let Some(entry) = context.cache else { return };
     // SAFETY: the caller's pointer is live for this program run.
     let s = unsafe { &*state };
     if s.flags & FLOW_DEFERRED != 0 || s.tcp_state != CT_STATE_ESTABLISHED || flow::closes(packet.tcp_flags) {
@@ -306,6 +379,7 @@ unsafe fn remember(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, dir
         (*entry).src_is_a = context.flow.src_is_a as u8;
         (*entry).direction = direction;
         (*entry).audit = (s.flags & FLOW_AUDIT != 0) as u8;
+        (*entry).kind = CACHED_FLOW;
         (*entry).slot = s.slot;
         (*entry).revision = s.revision;
         (*entry).ipcache_generation = s.ipcache_generation;
@@ -316,20 +390,27 @@ unsafe fn remember(slot: Option<*mut FlowCacheEntry>, context: &FlowContext, dir
 
 /// The fast path: the flow cache, then one conntrack lookup. A live, current entry decides
 /// the packet without the endpoint: the entry's slot and revision are checked against
-/// `REVISIONS`. `use_cache`: false only in the benchmark's calibration programs, which
-/// measure the conntrack path a packet takes when its cache slot holds another flow.
+/// `REVISIONS`. `hairpin`: the packet leaves the interface it entered by. `use_cache`: false
+/// only in the benchmark's calibration programs, which measure the path a packet takes when
+/// its cache slot holds another flow.
 #[inline(always)]
-pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, use_cache: bool) -> (FlowContext, Lookup) {
-    let context = FlowContext { flow: flow::packet_key(ifindex, packet), settings: settings(), now: now_coarse() };
-    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse). A
-    // fragment needs the endpoint (its verdict is recorded for the later fragments).
-    if packet.is_tcp_open() || packet.fragment {
+pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, hairpin: bool, use_cache: bool) -> (FlowContext, Lookup) {
+    let flow = flow::packet_key(ifindex, packet);
+    // A fragment needs the endpoint (its verdict is recorded for the later fragments).
+    let cache = if use_cache && !packet.fragment { FLOW_CACHE.get_ptr_mut(flow::cache_index(&flow, direction)) } else { None };
+    let mut context = FlowContext { flow, settings: settings(), now: now_coarse(), cache, flow_epoch: NO_FLOW_EPOCH };
+    if packet.fragment {
         return (context, Lookup::Miss);
     }
-    let cache = if use_cache { FLOW_CACHE.get_ptr_mut(flow::cache_index(&context.flow, direction)) } else { None };
-    if let Some((judgement, slot)) = cache_hit(cache, &context, direction, packet) {
-        return (context, Lookup::Hit { judgement, slot });
+    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse).
+    let opening = packet.is_tcp_open();
+    if let Some(hit) = cache_hit(&context, direction, packet, hairpin, opening) {
+        return (context, hit);
     }
+    if opening {
+        return (context, Lookup::Miss);
+    }
+    context.flow_epoch = flow::epoch(ifindex);
     let Some(state) = CONNTRACK.get_ptr_mut(&context.flow.key) else { return (context, Lookup::Miss) };
     // SAFETY: a live map value for this program run.
     let s = unsafe { &*state };
@@ -343,7 +424,7 @@ pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, use_cache: bool
     if s.flags & FLOW_DEFERRED != 0 {
         if forward {
             // Forward packets of a deferred flow are the netfilter hook's to judge.
-            if context.settings.flags & CONFIG_DEFERRAL != CONFIG_DEFERRAL {
+            if !deferral_on(&context.settings) {
                 return (context, Lookup::Entry(state));
             }
             // SAFETY: as above.
@@ -362,7 +443,7 @@ pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, use_cache: bool
     // SAFETY: as above.
     unsafe {
         flow::touch(state, packet.protocol, packet.tcp_flags, !forward, context.now);
-        remember(cache, &context, direction, packet, state);
+        remember(&context, direction, packet, state);
     }
     (context, Lookup::Hit { judgement: cached(s), slot: s.slot })
 }
@@ -397,7 +478,7 @@ pub fn judge_tc_packet(
     let settings = &context.settings;
     let now = context.now;
     let flow = &context.flow;
-    let netfilter_active = settings.flags & CONFIG_DEFERRAL == CONFIG_DEFERRAL;
+    let netfilter_active = deferral_on(settings);
     // A packet answering a deferred flow the netfilter hook has not confirmed is judged on its
     // own, without replacing that flow's entry.
     let mut may_record = true;
@@ -478,10 +559,23 @@ pub fn judge_tc_packet(
             _pad: 0,
             created_ns: now,
         };
-        // An LRU map makes room by itself; a failure only loses the fast path.
-        let _ = CONNTRACK.insert(&flow.key, &state, 0);
+        flow::insert(&flow.key, &state);
     }
     Outcome { judgement, identity, fresh: true }
+}
+
+/// Counts and reports a packet dropped by a denial the flow cache holds, as [`account`] does
+/// the full path's.
+///
+/// # Safety
+/// `entry` must point to the packet's live flow cache slot.
+#[inline(always)]
+pub unsafe fn account_cached_denial(entry: *const FlowCacheEntry, ifindex: u32, direction: u8, packet: &Packet, bytes: u64) {
+    // SAFETY: the caller's pointer is a per-CPU map value live for this program run.
+    let (reason, identity, endpoint) =
+        unsafe { ((*entry).reason as u32, (*entry).peer_identity, EndpointTag { slot: (*entry).slot, revision: (*entry).revision }) };
+    let outcome = Outcome { judgement: Judgement::Denied { reason }, identity, fresh: true };
+    account(&outcome, ifindex, direction, endpoint, packet, bytes, HOOK_TC, None);
 }
 
 /// Counts a judged packet and emits its event. `original_dst`: the pre-DNAT destination of a
@@ -492,13 +586,13 @@ pub fn account(
     outcome: &Outcome,
     ifindex: u32,
     direction: u8,
-    endpoint: &EndpointInfo,
+    endpoint: EndpointTag,
     packet: &Packet,
     bytes: u64,
     hook: u8,
     original_dst: Option<(&[u8; 16], u16)>,
 ) {
-    let slot = endpoint.endpoint_id;
+    let slot = endpoint.slot;
     let (verdict, reason, rule) = match outcome.judgement {
         Judgement::Allowed { rule } => {
             count_endpoint(slot, direction, Counted::Allowed, bytes);

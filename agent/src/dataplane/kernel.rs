@@ -74,13 +74,26 @@ pub fn conntrack_pin_name() -> String {
     )
 }
 
+/// The pin name of the conntrack epochs (`FLOW_EPOCHS`), which go with the table they count
+/// inserts into.
+pub fn flow_epochs_pin_name() -> String {
+    format!("FLOW_EPOCHS-l{}n{}", netsieve_common::CONNTRACK_LAYOUT, netsieve_common::FLOW_EPOCH_SLOTS)
+}
+
 /// Like [`load`], but the conntrack table is the one pinned in `state_dir` if there is one
 /// (created and pinned otherwise): connections admitted before an agent restart keep their
-/// replies admitted after it. Returns whether an existing table was reused.
+/// replies admitted after it. Returns whether an existing table was reused. The conntrack
+/// epochs are pinned with it: while a restart replaces the programs hook by hook, an entry
+/// the old program inserts on one hook still withdraws the denials the new one caches on the
+/// other.
 pub fn load_with_state(state_dir: &std::path::Path) -> Result<(Loaded, bool), KernelError> {
     let pin = state_dir.join(conntrack_pin_name());
     let reused = pin.exists();
-    let ebpf = aya::EbpfLoader::new().map_pin_path("CONNTRACK", pin).load(EBPF_OBJECT).map_err(Box::new)?;
+    let ebpf = aya::EbpfLoader::new()
+        .map_pin_path("CONNTRACK", pin)
+        .map_pin_path("FLOW_EPOCHS", state_dir.join(flow_epochs_pin_name()))
+        .load(EBPF_OBJECT)
+        .map_err(Box::new)?;
     Ok((finish(ebpf)?, reused))
 }
 
