@@ -43,6 +43,7 @@ const NEW_FLOW_FIRST_PORT: u16 = 1_024;
 const LO: u32 = 1;
 const PROGRAM_NEW_FLOWS: &str = "netsieve_cal_new_flows";
 const PROGRAM_NEXT_PORT: &str = "netsieve_cal_next_port";
+const PROGRAM_NEW_ENTRY: &str = "netsieve_cal_new_entry";
 const PROGRAM_TO_POD_UNCACHED: &str = "netsieve_cal_to_pod_uncached";
 const PROGRAM_FROM_POD_UNCACHED: &str = "netsieve_cal_from_pod_uncached";
 
@@ -154,6 +155,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let cost = measure(&mut ebpf, program, &established, RETURN_PASS)? - empty;
         println!("{piece:<52} {cost:>9.1}");
     }
+    // The new-flow case's floor: its conntrack insert alone, on keys no run used (another
+    // destination port than the new-flow case's), above the port change alone.
+    kernel::classifier(&mut ebpf, PROGRAM_NEW_ENTRY)?.load().map_err(|e| format!("{PROGRAM_NEW_ENTRY}: {e}"))?;
+    let insert = measure_fresh_keys(&mut ebpf, PROGRAM_NEW_ENTRY, 81, 0)?;
+    println!("{:<52} {insert:>9.1}", "parse + one conntrack insert (a never-seen flow)");
     print_program_sizes(&mut ebpf)?;
     // Flat in the number of entries: the 100k case within 10% of the small one.
     let half = above.len() / 2;
@@ -270,13 +276,24 @@ fn print_program_sizes(ebpf: &mut aya::Ebpf) -> Result<(), Box<dyn std::error::E
 /// The first packet of a flow conntrack has never seen, above the port change alone: median
 /// over rounds, each round on its own source ports.
 fn measure_new_flows(ebpf: &mut aya::Ebpf, scenario_index: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    measure_fresh_keys(ebpf, PROGRAM_NEW_FLOWS, 80, scenario_index)
+}
+
+/// `program` (a calibration wrapper moving the source port before every run) on flows
+/// conntrack has never seen, to `dst_port`, above the port change alone (median round).
+fn measure_fresh_keys(
+    ebpf: &mut aya::Ebpf,
+    program: &'static str,
+    dst_port: u16,
+    scenario_index: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
     let mut rounds = Vec::new();
     for round in 0..ROUNDS {
         let first = NEW_FLOW_FIRST_PORT as usize + (scenario_index * ROUNDS + round) * NEW_FLOW_REPEAT as usize;
         let port = u16::try_from(first).map_err(|_| "new-flow ports exhausted")?;
         // The program adds one before judging: the first run sees `port`.
-        let frame = tcp("10.0.0.2", "10.0.0.1", port.wrapping_sub(1), 80, TCP_SYN);
-        let new_flows = timed_run(ebpf, PROGRAM_NEW_FLOWS, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
+        let frame = tcp("10.0.0.2", "10.0.0.1", port.wrapping_sub(1), dst_port, TCP_SYN);
+        let new_flows = timed_run(ebpf, program, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
         let port_change = timed_run(ebpf, PROGRAM_NEXT_PORT, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
         rounds.push(new_flows - port_change);
     }

@@ -130,6 +130,37 @@ pub mod calibration {
         action(try_enforce(&ctx, DIRECTION_INGRESS, true))
     }
 
+    /// The conntrack insert of a new flow alone (parsing, the key, one insert of a flow
+    /// conntrack has never seen, as `netsieve_cal_new_flows` makes them): the part of a new
+    /// flow's cost that is the kernel's LRU hash table.
+    #[classifier]
+    pub fn netsieve_cal_new_entry(ctx: TcContext) -> i32 {
+        if !next_source_port(&ctx) {
+            return TC_ACT_SHOT;
+        }
+        let Ok(Parsed::Ip(packet)) = parse_frame(&TcFrame::new(&ctx)) else { return TC_ACT_SHOT };
+        // SAFETY: the context pointer is valid for the program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let flow = packet_key(ifindex, &packet);
+        let state = netsieve_common::FlowState {
+            last_seen_ns: 1,
+            revision: 1,
+            ipcache_generation: 0,
+            rule_index: netsieve_common::NO_RULE,
+            flags: 0,
+            tcp_state: 0,
+            nat_port: packet.dst_port,
+            nat_addr: packet.dst,
+            slot: 0,
+            _pad: 0,
+            created_ns: 1,
+        };
+        match CONNTRACK.insert(&flow.key, &state, 0) {
+            Ok(()) => TC_ACT_UNSPEC,
+            Err(_) => TC_ACT_SHOT,
+        }
+    }
+
     /// The to-pod program without the flow cache: what an established flow's packet costs
     /// when its cache slot holds another flow (conntrack decides).
     #[classifier]
