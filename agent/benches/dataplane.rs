@@ -6,7 +6,9 @@
 //! - a packet of an established flow, forward and reply (goal 60): the flow cache, and the
 //!   conntrack fast path it falls back to when its slot holds another flow (calibration
 //!   programs: the enforcement programs with the cache off);
-//! - a denied packet (goal 100): full lookup, no conntrack write;
+//! - a denied packet (goal 100): a packet of a flow conntrack does not hold (its denial then
+//!   cached), a TCP SYN, a flood of SYNs from a new source port each (they share one cached
+//!   denial), and the full path (the calibration program without the cache);
 //! - the first packet of a new flow (goal 150), twice: a flow conntrack has never seen (a
 //!   calibration wrapper adds one to the source port before every run, so each run inserts a
 //!   fresh entry; measured against the port change alone), and a repeated TCP SYN (a new
@@ -106,6 +108,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let drop = measure(&mut ebpf, PROGRAM_TO_POD, &denied, RETURN_DROP)? - empty;
         let drop_syn = measure(&mut ebpf, PROGRAM_TO_POD, &denied_syn, RETURN_DROP)? - empty;
         let drop_uncached = measure(&mut ebpf, PROGRAM_TO_POD_UNCACHED, &denied, RETURN_DROP)? - empty;
+        // A SYN flood: a new source port at every run (the denied peer, to the denied port).
+        let drop_syn_flood = measure_fresh_keys(&mut ebpf, PROGRAM_NEW_FLOWS, ("10.0.0.3", 81), RETURN_DROP, scenario_index)?;
         // The agent's default: events on at 1000/s per CPU. A flood of drops then finds the
         // token bucket empty on almost every packet: what a denied packet costs in production.
         maps.set_settings(CONFIG_NETFILTER_ACTIVE | enforced, 1000, 1000).map_err(|e| format!("settings: {e}"))?;
@@ -127,6 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("established flow, reply, cache slot taken (conntrack)", backward_uncached, 60.0),
             ("denied packet (no conntrack entry, ACK)", drop, 100.0),
             ("denied TCP SYN (a connection attempt)", drop_syn, 100.0),
+            ("denied TCP SYNs, a new source port each (SYN flood)", drop_syn_flood, 100.0),
             ("denied packet, cache slot taken (full path)", drop_uncached, 100.0),
             ("denied packet, events on (1000/s/CPU, default)", drop_events, 100.0),
             ("first packet of a new flow (TCP SYN, new port pair)", new_flow, 150.0),
@@ -158,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The new-flow case's floor: its conntrack insert alone, on keys no run used (another
     // destination port than the new-flow case's), above the port change alone.
     kernel::classifier(&mut ebpf, PROGRAM_NEW_ENTRY)?.load().map_err(|e| format!("{PROGRAM_NEW_ENTRY}: {e}"))?;
-    let insert = measure_fresh_keys(&mut ebpf, PROGRAM_NEW_ENTRY, 81, 0)?;
+    let insert = measure_fresh_keys(&mut ebpf, PROGRAM_NEW_ENTRY, ("10.0.0.2", 81), RETURN_PASS, 0)?;
     println!("{:<52} {insert:>9.1}", "parse + one conntrack insert (a never-seen flow)");
     print_program_sizes(&mut ebpf)?;
     // Flat in the number of entries: the 100k case within 10% of the small one.
@@ -276,15 +281,17 @@ fn print_program_sizes(ebpf: &mut aya::Ebpf) -> Result<(), Box<dyn std::error::E
 /// The first packet of a flow conntrack has never seen, above the port change alone: median
 /// over rounds, each round on its own source ports.
 fn measure_new_flows(ebpf: &mut aya::Ebpf, scenario_index: usize) -> Result<f64, Box<dyn std::error::Error>> {
-    measure_fresh_keys(ebpf, PROGRAM_NEW_FLOWS, 80, scenario_index)
+    measure_fresh_keys(ebpf, PROGRAM_NEW_FLOWS, ("10.0.0.2", 80), RETURN_PASS, scenario_index)
 }
 
-/// `program` (a calibration wrapper moving the source port before every run) on flows
-/// conntrack has never seen, to `dst_port`, above the port change alone (median round).
+/// `program` (a calibration wrapper moving the source port before every run) on TCP SYNs of
+/// flows conntrack has never seen, from `source` to `dst_port`, above the port change alone
+/// (median round).
 fn measure_fresh_keys(
     ebpf: &mut aya::Ebpf,
     program: &'static str,
-    dst_port: u16,
+    (source, dst_port): (&str, u16),
+    expected: u32,
     scenario_index: usize,
 ) -> Result<f64, Box<dyn std::error::Error>> {
     let mut rounds = Vec::new();
@@ -292,8 +299,8 @@ fn measure_fresh_keys(
         let first = NEW_FLOW_FIRST_PORT as usize + (scenario_index * ROUNDS + round) * NEW_FLOW_REPEAT as usize;
         let port = u16::try_from(first).map_err(|_| "new-flow ports exhausted")?;
         // The program adds one before judging: the first run sees `port`.
-        let frame = tcp("10.0.0.2", "10.0.0.1", port.wrapping_sub(1), dst_port, TCP_SYN);
-        let new_flows = timed_run(ebpf, program, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
+        let frame = tcp(source, "10.0.0.1", port.wrapping_sub(1), dst_port, TCP_SYN);
+        let new_flows = timed_run(ebpf, program, &frame, NEW_FLOW_REPEAT, expected)?;
         let port_change = timed_run(ebpf, PROGRAM_NEXT_PORT, &frame, NEW_FLOW_REPEAT, RETURN_PASS)?;
         rounds.push(new_flows - port_change);
     }

@@ -478,6 +478,27 @@ fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_change
         assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_SYN)), RETURN_DROP);
     }
     assert!(denials(DIRECTION_INGRESS, 6000).iter().any(|e| e.flow_epoch == NO_FLOW_EPOCH), "a SYN's denial is cached");
+    // SYNs from a new source port each (a SYN flood) take that one cached denial: no CPU's
+    // cache holds a second SYN denial from the peer to port 81.
+    let syn_denials_per_cpu = || -> Vec<usize> {
+        let mut per_cpu = Vec::new();
+        for slot in 0..FLOW_CACHE_SLOTS {
+            for (cpu, e) in cache.get(&slot, 0).expect("cache slot").iter().enumerate() {
+                per_cpu.resize(per_cpu.len().max(cpu + 1), 0);
+                let to_port_81 = e.key.port_a == 81 || e.key.port_b == 81;
+                if e.fresh_until_ns != 0 && e.kind == CACHED_DENIAL && e.flow_epoch == NO_FLOW_EPOCH && to_port_81 {
+                    per_cpu[cpu] += 1;
+                }
+            }
+        }
+        per_cpu
+    };
+    let dropped_before = k.drops(REASON_POLICY_DENIED, DIRECTION_INGRESS);
+    for source_port in 6100..6120 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", source_port, 81, TCP_SYN)), RETURN_DROP);
+    }
+    assert_eq!(k.drops(REASON_POLICY_DENIED, DIRECTION_INGRESS), dropped_before + 20);
+    assert!(syn_denials_per_cpu().iter().all(|&n| n <= 1), "one cached SYN denial per CPU: {:?}", syn_denials_per_cpu());
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_SYN | TCP_ACK)), RETURN_PASS, "the connection's reply");
     assert_eq!(k.run_to_pod(&tcp("10.0.0.3", "10.0.0.1", 6000, 81, TCP_ACK)), RETURN_PASS);
 
@@ -769,6 +790,16 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
                                 packets += 1;
                                 if got != expected {
                                     disagreements.push(format!("seed {seed} TC {direction:?} {flow:?}: kernel {got}"));
+                                }
+                                if protocol == Protocol::Tcp {
+                                    // Another connection attempt from a new source port: a
+                                    // denial is now taken from the flow cache.
+                                    let again = PacketSpec::new(flow.src.ip, flow.dst.ip, l4(protocol, next_port(), port, own_ip.is_ipv4(), TCP_SYN));
+                                    let got = run_on(&mut k, direction, &again);
+                                    packets += 1;
+                                    if got != expected {
+                                        disagreements.push(format!("seed {seed} TC {direction:?} {flow:?}, second SYN: kernel {got}"));
+                                    }
                                 }
                                 if direction == Direction::Egress {
                                     // The same flow as the netfilter hook sees it after DNAT.

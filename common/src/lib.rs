@@ -438,10 +438,19 @@ pub const NO_FLOW_EPOCH: u64 = u64::MAX;
 /// receiver's ingress hook on interfaces whose indexes are usually consecutive: those must not
 /// share a slot (with the interface and the direction simply XORed in, `n ^ egress` and
 /// `(n + 1) ^ ingress` did, and each evicted the other on every packet).
+///
+/// `any_source_port`: the packet's source port is left out (taken as 0), so every TCP SYN
+/// from one address to one port of another finds one slot, where the denial of the first is
+/// cached for all (a SYN flood comes from a new source port each time).
 #[inline(always)]
-pub fn flow_cache_index(key: &FlowKey, a_last: u32, b_last: u32, src_is_a: bool, direction: u8) -> u32 {
+pub fn flow_cache_index(key: &FlowKey, a_last: u32, b_last: u32, src_is_a: bool, direction: u8, any_source_port: bool) -> u32 {
+    let (port_a, port_b) = match (any_source_port, src_is_a) {
+        (false, _) => (key.port_a, key.port_b),
+        (true, true) => (0, key.port_b),
+        (true, false) => (key.port_a, 0),
+    };
     let mixed = key.ifindex.wrapping_mul(0x9e37_79b1)
-        ^ (((key.port_a as u32) << 16) | key.port_b as u32)
+        ^ (((port_a as u32) << 16) | port_b as u32)
         ^ a_last.rotate_left(7)
         ^ b_last.rotate_left(13)
         ^ ((src_is_a as u32) << 31);
@@ -738,11 +747,35 @@ mod tests {
         for _ in 0..10_000 {
             let key = cache_key(random.next() % 5000, random.next() as u16, random.next() as u16);
             let (a, b, src_is_a) = (random.next(), random.next(), random.next().is_multiple_of(2));
-            let ingress = flow_cache_index(&key, a, b, src_is_a, DIRECTION_INGRESS);
-            let egress = flow_cache_index(&key, a, b, src_is_a, DIRECTION_EGRESS);
+            let any_source_port = random.next().is_multiple_of(2);
+            let ingress = flow_cache_index(&key, a, b, src_is_a, DIRECTION_INGRESS, any_source_port);
+            let egress = flow_cache_index(&key, a, b, src_is_a, DIRECTION_EGRESS, any_source_port);
             assert!(ingress < FLOW_CACHE_SLOTS / 2, "{ingress}");
             assert!((FLOW_CACHE_SLOTS / 2..FLOW_CACHE_SLOTS).contains(&egress), "{egress}");
         }
+    }
+
+    /// Every SYN from one address to one port of another takes one slot whatever its source
+    /// port (either end of the key may be the source), and distinct destination ports spread.
+    #[test]
+    fn syns_share_a_slot_whatever_their_source_port() {
+        let mut random = Xorshift(0x5555_aaaa_1234_4321);
+        for _ in 0..1_000 {
+            let (ifindex, a, b, src_is_a) = (random.next() % 5000, random.next(), random.next(), random.next().is_multiple_of(2));
+            let destination_port = random.next() as u16;
+            let key_from = |source_port: u16| {
+                if src_is_a { cache_key(ifindex, source_port, destination_port) } else { cache_key(ifindex, destination_port, source_port) }
+            };
+            let first = flow_cache_index(&key_from(random.next() as u16), a, b, src_is_a, DIRECTION_INGRESS, true);
+            for _ in 0..10 {
+                assert_eq!(flow_cache_index(&key_from(random.next() as u16), a, b, src_is_a, DIRECTION_INGRESS, true), first);
+            }
+        }
+        let mut load = [0u32; FLOW_CACHE_SLOTS as usize / 2];
+        for destination_port in 0..3_200u16 {
+            load[flow_cache_index(&cache_key(7, 40_000, destination_port), 1, 2, true, DIRECTION_INGRESS, true) as usize] += 1;
+        }
+        assert!(load.iter().all(|&n| n > 50 && n < 150), "uneven slots: {load:?}");
     }
 
     /// A flow between two pods of the node on consecutive interfaces takes four slots on a CPU
@@ -760,7 +793,7 @@ mod tests {
             let (a, b, src_is_a) = (random.next(), random.next(), random.next().is_multiple_of(2));
             let (port_a, port_b) = (random.next() as u16, random.next() as u16);
             let on = |ifindex: u32, src_is_a: bool, direction: u8| {
-                flow_cache_index(&cache_key(ifindex, port_a, port_b), a, b, src_is_a, direction)
+                flow_cache_index(&cache_key(ifindex, port_a, port_b), a, b, src_is_a, direction, false)
             };
             let slots = [
                 on(sender, src_is_a, DIRECTION_EGRESS),

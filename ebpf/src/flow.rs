@@ -187,12 +187,39 @@ pub unsafe fn copy_key(entry: *mut FlowCacheEntry, flow: &FlowRef) {
 
 /// The [`crate::maps::FLOW_CACHE`] slot of a packet's flow and direction
 /// ([`flow_cache_index`], with the addresses' last four bytes loaded as words).
+/// `any_source_port`: the slot every TCP SYN of the flow's addresses and destination port
+/// shares.
 #[inline(always)]
-pub fn cache_index(flow: &FlowRef, direction: u8) -> u32 {
+pub fn cache_index(flow: &FlowRef, direction: u8, any_source_port: bool) -> u32 {
     let words = &flow.key as *const FlowKey as *const u64;
     // SAFETY: as in `same_key`: words 1 and 3 are the low halves of the two addresses.
     let (a_lo, b_lo) = unsafe { (*words.add(1), *words.add(3)) };
-    flow_cache_index(&flow.key, (a_lo >> 32) as u32, (b_lo >> 32) as u32, flow.src_is_a, direction)
+    flow_cache_index(&flow.key, (a_lo >> 32) as u32, (b_lo >> 32) as u32, flow.src_is_a, direction, any_source_port)
+}
+
+/// Whether a cache entry's key is the packet's flow key but for the packet's source port
+/// (the entry's `src_is_a` is compared by the caller): the same interface, addresses,
+/// protocol and destination port, which is all a TCP SYN's verdict depends on.
+#[inline(always)]
+pub fn same_key_but_source_port(entry: &FlowCacheEntry, flow: &FlowRef) -> bool {
+    let a = &entry.key as *const FlowKey as *const u64;
+    let b = &flow.key as *const FlowKey as *const u64;
+    // Word 4 is the interface (bytes 0-3) and `port_a`, `port_b` (bytes 4-5, 6-7; little
+    // endian, so bits 32-47 and 48-63): the source port's bits are masked out.
+    let source_port_bits: u64 = if flow.src_is_a { 0xffff << 32 } else { 0xffff << 48 };
+    let mut i = 0;
+    while i < KEY_WORDS - 1 {
+        // SAFETY: both keys are 44 bytes at the 8-aligned start of their structs.
+        if unsafe { *a.add(i) != *b.add(i) } {
+            return false;
+        }
+        i += 1;
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*a.add(KEY_WORDS - 1) | source_port_bits) == (*b.add(KEY_WORDS - 1) | source_port_bits)
+            && *(a.add(KEY_WORDS) as *const u32) == *(b.add(KEY_WORDS) as *const u32)
+    }
 }
 
 /// The conntrack epoch of an interface (`FLOW_EPOCHS`): read before a conntrack lookup whose

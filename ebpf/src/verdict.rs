@@ -307,7 +307,7 @@ fn cache_hit(context: &FlowContext, direction: u8, packet: &Packet, hairpin: boo
         || entry.direction != direction
         || entry.src_is_a != context.flow.src_is_a as u8
         || entry.ipcache_generation != context.settings.ipcache_generation
-        || !flow::same_key(entry, &context.flow)
+        || !(if opening { flow::same_key_but_source_port(entry, &context.flow) } else { flow::same_key(entry, &context.flow) })
     {
         return None;
     }
@@ -396,14 +396,16 @@ unsafe fn remember(context: &FlowContext, direction: u8, packet: &Packet, state:
 #[inline(always)]
 pub fn lookup_flow(ifindex: u32, direction: u8, packet: &Packet, hairpin: bool, use_cache: bool) -> (FlowContext, Lookup) {
     let flow = flow::packet_key(ifindex, packet);
+    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse), and its
+    // cache slot is the one of every SYN between its addresses to its port.
+    let opening = packet.is_tcp_open();
     // A fragment needs the endpoint (its verdict is recorded for the later fragments).
-    let cache = if use_cache && !packet.fragment { FLOW_CACHE.get_ptr_mut(flow::cache_index(&flow, direction)) } else { None };
+    let cache =
+        if use_cache && !packet.fragment { FLOW_CACHE.get_ptr_mut(flow::cache_index(&flow, direction, opening)) } else { None };
     let mut context = FlowContext { flow, settings: settings(), now: now_coarse(), cache, flow_epoch: NO_FLOW_EPOCH };
     if packet.fragment {
         return (context, Lookup::Miss);
     }
-    // A TCP SYN opens a new connection: it never rides an existing entry (port reuse).
-    let opening = packet.is_tcp_open();
     if let Some(hit) = cache_hit(&context, direction, packet, hairpin, opening) {
         return (context, hit);
     }
