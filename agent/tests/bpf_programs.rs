@@ -20,7 +20,7 @@ use netsieve::policy::{ClusterState, Direction, Flow, FlowEndpoint, PodInfo, Pro
 use netsieve_tests::scenario::{INTERESTING_PORTS, Scenario, ScenarioParams};
 use netsieve_common::{
     CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    CACHED_DENIAL, CACHED_FLOW, FLOW_CACHE_SLOTS, NO_FLOW_EPOCH, FlowCacheEntry, FlowKey, FlowState, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
+    CACHED_DENIAL, CACHED_FLOW, CACHED_NEW_FLOW, CT_STATE_NEW, FLOW_DEFERRED, FLOW_CACHE_SLOTS, NO_FLOW_EPOCH, FlowCacheEntry, FlowKey, FlowState, CONFIG_NETFILTER_ACTIVE, EVENTS_EMITTED, EVENTS_RATE_LIMITED, IpcacheValue, PROTO_SCTP,
     PROTO_TCP, PROTO_UDP, REASON_FAIL_CLOSED, REASON_FRAGMENT_UNKNOWN, REASON_MALFORMED, REASON_NO_ENDPOINT,
     REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
@@ -530,6 +530,96 @@ fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_change
 }
 
 #[test]
+fn new_connections_open_from_the_flow_cache_as_the_full_path_opens_them() {
+    let mut k = load();
+    let mut sync = Synchronizer::with_capacity(Capacity::default());
+    let cache: PerCpuArray<MapData, FlowCacheEntry> =
+        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
+    let conntrack: AyaHashMap<MapData, FlowKey, FlowState> =
+        AyaHashMap::try_from(k.ebpf.take_map("CONNTRACK").expect("CONNTRACK")).expect("type");
+    // Admitted SYNs cached per CPU for connections to the pod's `port`.
+    let admitted_per_cpu = |port: u16| -> Vec<usize> {
+        let mut per_cpu = Vec::new();
+        for slot in 0..FLOW_CACHE_SLOTS {
+            for (cpu, e) in cache.get(&slot, 0).expect("cache slot").iter().enumerate() {
+                per_cpu.resize(per_cpu.len().max(cpu + 1), 0);
+                if e.fresh_until_ns != 0 && e.kind == CACHED_NEW_FLOW && (e.key.port_a == port || e.key.port_b == port) {
+                    per_cpu[cpu] += 1;
+                }
+            }
+        }
+        per_cpu
+    };
+    let entry = |src: &str, src_port: u16, dst: &str, dst_port: u16| {
+        conntrack.get(&flow_key(LO, PROTO_TCP, &addr_bytes(ip(src)), src_port, &addr_bytes(ip(dst)), dst_port), 0).ok()
+    };
+    let allow_300 = || {
+        isolated(vec![RuleInput {
+            peers: vec![PeerInput::Identities([300].into())],
+            ports: ranges(&[(PROTO_TCP, 80, 80)]),
+            origin: origin(0),
+        }])
+    };
+    let peers = [("10.0.0.2", 300)];
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    k.settings(CONFIG_EVENTS_ALLOWED, 1000, 1000);
+    k.drain_events();
+
+    // Twenty connections from new source ports: the first SYN is judged, the others open their
+    // flow from its cached admission. Every entry is the one the full path wrote for the first.
+    for source_port in 42000..42020 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", source_port, 80, TCP_SYN)), RETURN_PASS);
+    }
+    assert!(admitted_per_cpu(80).iter().all(|&n| n <= 1), "one cached admission per CPU: {:?}", admitted_per_cpu(80));
+    assert!(admitted_per_cpu(80).iter().sum::<usize>() >= 1, "the admission is cached");
+    let first = entry("10.0.0.2", 42000, "10.0.0.1", 80).expect("the first connection's entry");
+    assert_eq!(first.tcp_state, CT_STATE_NEW);
+    for source_port in 42001..42020 {
+        let e = entry("10.0.0.2", source_port, "10.0.0.1", 80).expect("an entry for every connection");
+        let same = (e.revision, e.slot, e.ipcache_generation, e.rule_index, e.flags, e.tcp_state, e.nat_port, e.nat_addr);
+        let full_path = (first.revision, first.slot, first.ipcache_generation, first.rule_index, first.flags, first.tcp_state, first.nat_port, first.nat_addr);
+        assert_eq!(same, full_path, "connection from port {source_port}");
+    }
+    let events = k.drain_events();
+    assert_eq!(events.len(), 20, "one allowed event per connection");
+    assert!(events.iter().all(|e| e.verdict == VERDICT_ALLOWED && e.peer_identity == 300 && e.rule_index == first.rule_index));
+    // Their replies are admitted (the entries are real), and they become established.
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 42019, TCP_SYN | TCP_ACK)), RETURN_PASS);
+    assert_eq!(entry("10.0.0.2", 42019, "10.0.0.1", 80).expect("entry").tcp_state, CT_STATE_ESTABLISHED);
+
+    // The rule revoked: the next SYN is judged afresh and dropped.
+    k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &peers);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 42100, 80, TCP_SYN)), RETURN_DROP, "revoked rule");
+    // Admitted again and cached, then the peer relabelled: dropped.
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    for source_port in 42200..42203 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", source_port, 80, TCP_SYN)), RETURN_PASS);
+    }
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 42203, 80, TCP_SYN)), RETURN_DROP, "relabelled peer");
+
+    // A SYN to the pod for an address that is not the pod's is judged and passed but not
+    // recorded, from the cache too.
+    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    for source_port in 42300..42303 {
+        assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.99", source_port, 80, TCP_SYN)), RETURN_PASS);
+        assert!(entry("10.0.0.2", source_port, "10.0.0.99", 80).is_none(), "not recorded");
+    }
+    // An egress connection to an unknown address admitted while nothing defers it is deferred
+    // to the netfilter hook once deferral is on.
+    let egress_world = isolated(vec![RuleInput { peers: vec![PeerInput::AnyAddress], ports: ranges(&[(PROTO_TCP, 443, 443)]), origin: origin(0) }]);
+    k.program_lo(&mut sync, pod(DirectionEntries::default(), egress_world), &peers);
+    k.settings(0, 1000, 1000);
+    for source_port in 42400..42403 {
+        assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "192.0.2.1", source_port, 443, TCP_SYN)), RETURN_PASS);
+    }
+    k.settings(CONFIG_NETFILTER_ACTIVE | CONFIG_EGRESS_ENFORCED, 1000, 1000);
+    assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "192.0.2.1", 42403, 443, TCP_SYN)), RETURN_PASS);
+    let deferred = entry("10.0.0.1", 42403, "192.0.2.1", 443).expect("recorded");
+    assert_ne!(deferred.flags & FLOW_DEFERRED, 0, "deferred, not opened from the cached admission: {:#x}", deferred.flags);
+}
+
+#[test]
 fn hairpin_and_self_traffic_are_always_allowed() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
@@ -791,15 +881,19 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
                                 if got != expected {
                                     disagreements.push(format!("seed {seed} TC {direction:?} {flow:?}: kernel {got}"));
                                 }
+                                // Another connection attempt from a new source port: its
+                                // verdict (a denial, or an admission that opens the flow) is
+                                // now taken from the flow cache, and its flow is the one the
+                                // sequences below follow.
+                                let mut spec = spec;
                                 if protocol == Protocol::Tcp {
-                                    // Another connection attempt from a new source port: a
-                                    // denial is now taken from the flow cache.
                                     let again = PacketSpec::new(flow.src.ip, flow.dst.ip, l4(protocol, next_port(), port, own_ip.is_ipv4(), TCP_SYN));
                                     let got = run_on(&mut k, direction, &again);
                                     packets += 1;
                                     if got != expected {
                                         disagreements.push(format!("seed {seed} TC {direction:?} {flow:?}, second SYN: kernel {got}"));
                                     }
+                                    spec = again;
                                 }
                                 if direction == Direction::Egress {
                                     // The same flow as the netfilter hook sees it after DNAT.

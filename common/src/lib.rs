@@ -374,6 +374,10 @@ pub const CACHED_FLOW: u8 = 0;
 /// `FlowCacheEntry::kind`: a denial the full path took on a packet no conntrack entry
 /// admitted (docs/DATAPATH.md, "Denials in the flow cache").
 pub const CACHED_DENIAL: u8 = 1;
+/// `FlowCacheEntry::kind`: the full path admitted a TCP SYN by `rule_index`; later SYNs between
+/// the same addresses to the same port open their conntrack entry from it (docs/DATAPATH.md,
+/// "New connections from the flow cache").
+pub const CACHED_NEW_FLOW: u8 = 2;
 
 /// Slots of `FLOW_EPOCHS` (a power of two): an interface's epoch is at `ifindex` modulo this.
 /// Interfaces sharing a slot only make each other's cached denials expire sooner.
@@ -417,14 +421,18 @@ pub struct FlowCacheEntry {
     /// [`NO_FLOW_EPOCH`] for a TCP SYN's denial (taken without conntrack, which cannot change
     /// a SYN's verdict): it stands for SYNs only.
     pub flow_epoch: u64,
-    /// Denials: the peer's identity (for events).
+    /// Denials and admitted SYNs: the peer's identity (for events).
     pub peer_identity: u32,
     /// Denials: the `REASON_*` counted.
     pub reason: u8,
-    /// Denials: whether egress deferral to the netfilter hook was on (`CONFIG_DEFERRAL`), which
-    /// decides whether an egress packet to an unknown address is judged or deferred.
+    /// Denials and admitted SYNs: whether egress deferral to the netfilter hook was on
+    /// (`CONFIG_DEFERRAL`), which decides whether an egress packet to an unknown address is
+    /// judged or deferred.
     pub deferral: u8,
-    pub _pad: [u8; 2],
+    /// Admitted SYNs: whether the flow is recorded in conntrack (not for a packet to the pod
+    /// for an address that is not the pod's).
+    pub records: u8,
+    pub _pad: u8,
 }
 
 /// `FlowCacheEntry::flow_epoch` of a denial taken without a conntrack lookup: an epoch never

@@ -22,7 +22,7 @@ use netsieve_ebpf::counters::{Counted, count_audit, count_endpoint};
 use netsieve_ebpf::maps::{ENDPOINTS, FRAGMENTS};
 use netsieve_ebpf::packet::{Malformed, Packet, Parsed, TcFrame, parse_frame};
 use netsieve_ebpf::verdict::{
-    EndpointTag, Judgement, Lookup, account, account_cached_denial, account_hit, is_spoofed, judge_tc_packet, lookup_flow, remember_denial,
+    EndpointTag, Judgement, Lookup, account, account_cached_denial, account_hit, is_spoofed, judge_tc_packet, lookup_flow, open_cached_flow, remember_verdict,
     structural_drop,
 };
 
@@ -248,6 +248,11 @@ fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dr
             unsafe { account_cached_denial(entry, ifindex, direction, &packet, bytes) };
             return Err(Dropped);
         }
+        Lookup::CachedNewFlow(entry) => {
+            // SAFETY: as above.
+            unsafe { open_cached_flow(entry, &context, ifindex, direction, &packet, bytes) };
+            return Ok(());
+        }
         Lookup::Entry(_) | Lookup::Miss => {}
     }
     // SAFETY: plain read of a map value.
@@ -274,7 +279,7 @@ fn try_enforce(ctx: &TcContext, direction: u8, use_cache: bool) -> Result<(), Dr
         let value = FragmentValue { allowed, _pad1: 0, _pad2: 0, src_port: packet.src_port, dst_port: packet.dst_port };
         let _ = FRAGMENTS.insert(&fragment_key(ifindex, &packet), &value, 0);
     }
-    remember_denial(&context, direction, endpoint, &outcome, lookup, hairpin);
+    remember_verdict(&context, direction, endpoint, &packet, &outcome, lookup, hairpin);
     account(&outcome, ifindex, direction, EndpointTag::of(endpoint), &packet, bytes, HOOK_TC, None);
     match outcome.judgement {
         Judgement::Denied { .. } => Err(Dropped),

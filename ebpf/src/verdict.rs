@@ -8,7 +8,7 @@ use crate::packet::Packet;
 use crate::policy::{matching_group, rule_index};
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use netsieve_common::{
-    CACHED_DENIAL, CACHED_FLOW, CONFIG_DEFERRAL, HOOK_TC, NO_FLOW_EPOCH, CONFIG_EVENTS_ALLOWED, CT_STATE_ESTABLISHED, FLOW_CACHE_WINDOW_NS, FlowCacheEntry, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
+    CACHED_DENIAL, CACHED_FLOW, CACHED_NEW_FLOW, CONFIG_DEFERRAL, HOOK_TC, NO_FLOW_EPOCH, CONFIG_EVENTS_ALLOWED, CT_STATE_ESTABLISHED, FLOW_CACHE_WINDOW_NS, FlowCacheEntry, DIRECTION_EGRESS, DIRECTION_INGRESS, EP_ALLOW_HOST, EP_AUDIT,
     EP_EGRESS_ISOLATED, EP_FAIL_CLOSED, EP_HAS_IPV4, EP_HAS_IPV6, EP_INGRESS_ISOLATED, EndpointInfo,
     FLOW_AUDIT, FLOW_CONFIRMED, FLOW_DEFERRED, FLOW_EGRESS, FLOW_INITIATOR_A, FlowState, IDENTITY_HOST,
     IDENTITY_WORLD, NO_REVISION, NO_RULE, REASON_FAIL_CLOSED, REASON_NONE, REASON_POLICY_DENIED, VERDICT_ALLOWED, VERDICT_AUDIT,
@@ -246,6 +246,10 @@ pub enum Lookup {
     /// A denial the flow cache holds for this flow and direction, still current (the entry):
     /// counted and reported as the full path's drop would be ([`account_cached_denial`]).
     CachedDenial(*const FlowCacheEntry),
+    /// A TCP SYN the flow cache admits (the entry: an earlier SYN between the same addresses to
+    /// the same port, admitted under the current policy): its flow is opened from the entry
+    /// ([`open_cached_flow`]).
+    CachedNewFlow(*const FlowCacheEntry),
     /// An entry the endpoint is needed for (stale, or a reply to a deferred flow the netfilter
     /// hook has not confirmed).
     Entry(*mut FlowState),
@@ -311,16 +315,20 @@ fn cache_hit(context: &FlowContext, direction: u8, packet: &Packet, hairpin: boo
     {
         return None;
     }
-    if entry.kind == CACHED_DENIAL {
+    if entry.kind == CACHED_FLOW {
+        if opening || flow::closes(packet.tcp_flags) {
+            return None;
+        }
+    } else {
+        // Policy verdicts (a denial, an admitted SYN).
         if hairpin || entry.deferral != deferral_on(&context.settings) as u8 {
             return None;
         }
-        // A SYN's denial holds `NO_FLOW_EPOCH`, which no epoch reaches.
-        if !opening && flow::epoch(context.flow.key.ifindex) != entry.flow_epoch {
+        // An admitted SYN only opens SYNs; a SYN's denial holds `NO_FLOW_EPOCH`, which no
+        // epoch reaches.
+        if !opening && (entry.kind != CACHED_DENIAL || flow::epoch(context.flow.key.ifindex) != entry.flow_epoch) {
             return None;
         }
-    } else if opening || flow::closes(packet.tcp_flags) {
-        return None;
     }
     if REVISIONS.get(entry.slot).copied().unwrap_or(NO_REVISION) != entry.revision {
         return None;
@@ -328,17 +336,22 @@ fn cache_hit(context: &FlowContext, direction: u8, packet: &Packet, hairpin: boo
     if entry.kind == CACHED_DENIAL {
         return Some(Lookup::CachedDenial(entry));
     }
+    if entry.kind == CACHED_NEW_FLOW {
+        return Some(Lookup::CachedNewFlow(entry));
+    }
     Some(Lookup::Hit { judgement: remembered(entry.audit != 0, entry.rule_index), slot: entry.slot })
 }
 
-/// Remembers a denial the full path took, if later packets of the flow may take it from the
-/// cache: judged without a conntrack entry (a miss, not a stale entry) on a packet that is
-/// neither a fragment nor hairpin traffic. A SYN's denial (conntrack not looked up) stands
-/// for SYNs only.
+/// Remembers a policy verdict the full path took on a packet no conntrack entry decided (a
+/// miss, not a stale entry), neither a fragment nor hairpin traffic, if later packets may take
+/// it from the cache: a denial (a SYN's stands for SYNs only), or a TCP SYN's admission.
 #[inline(always)]
-pub fn remember_denial(context: &FlowContext, direction: u8, endpoint: &EndpointInfo, outcome: &Outcome, lookup: Lookup, hairpin: bool) {
-    let (Some(entry), Judgement::Denied { reason }, Lookup::Miss, false) = (context.cache, outcome.judgement, lookup, hairpin) else {
-        return;
+pub fn remember_verdict(context: &FlowContext, direction: u8, endpoint: &EndpointInfo, packet: &Packet, outcome: &Outcome, lookup: Lookup, hairpin: bool) {
+    let (Some(entry), Lookup::Miss, false) = (context.cache, lookup, hairpin) else { return };
+    let (kind, rule, reason) = match outcome.judgement {
+        Judgement::Denied { reason } => (CACHED_DENIAL, NO_RULE, reason as u8),
+        Judgement::Allowed { rule } if packet.is_tcp_open() => (CACHED_NEW_FLOW, rule, 0),
+        _ => return,
     };
     // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.
     unsafe {
@@ -346,17 +359,72 @@ pub fn remember_denial(context: &FlowContext, direction: u8, endpoint: &Endpoint
         (*entry).src_is_a = context.flow.src_is_a as u8;
         (*entry).direction = direction;
         (*entry).audit = 0;
-        (*entry).kind = CACHED_DENIAL;
+        (*entry).kind = kind;
         (*entry).slot = endpoint.endpoint_id;
         (*entry).revision = endpoint.revision;
         (*entry).ipcache_generation = context.settings.ipcache_generation;
-        (*entry).rule_index = NO_RULE;
+        (*entry).rule_index = rule;
         (*entry).fresh_until_ns = context.now + FLOW_CACHE_WINDOW_NS;
         (*entry).flow_epoch = context.flow_epoch;
         (*entry).peer_identity = outcome.identity;
-        (*entry).reason = reason as u8;
+        (*entry).reason = reason;
         (*entry).deferral = deferral_on(&context.settings) as u8;
+        (*entry).records = records_flow(direction, endpoint, packet) as u8;
     }
+}
+
+/// Whether a new flow's packet is recorded in conntrack: entries keep the pod's own address on
+/// the pod's end (the fast path relies on it), so a packet to the pod for another address is
+/// judged but not recorded.
+#[inline(always)]
+fn records_flow(direction: u8, endpoint: &EndpointInfo, packet: &Packet) -> bool {
+    direction != DIRECTION_INGRESS || is_own_address(endpoint, &packet.dst)
+}
+
+/// The conntrack entry of a new flow admitted by `rule` (`deferred`: its egress verdict left to
+/// the netfilter hook; `audit`: passed under audit mode).
+#[inline(always)]
+fn new_flow_state(context: &FlowContext, direction: u8, packet: &Packet, slot: u32, revision: u32, rule_index: u32, extra_flags: u8) -> FlowState {
+    let mut flags = extra_flags;
+    if context.flow.src_is_a {
+        flags |= FLOW_INITIATOR_A;
+    }
+    if direction == DIRECTION_EGRESS {
+        flags |= FLOW_EGRESS;
+    }
+    FlowState {
+        last_seen_ns: context.now,
+        revision,
+        ipcache_generation: context.settings.ipcache_generation,
+        rule_index,
+        flags,
+        tcp_state: flow::opened_state(packet),
+        // Meaningful once the netfilter hook confirms a deferred flow (it writes the backend);
+        // until then the destination the pod used. (Not zeros: a zeroed 16-byte array compiles
+        // to a byte-loop memset call.)
+        nat_port: packet.dst_port,
+        nat_addr: packet.dst,
+        slot,
+        _pad: 0,
+        created_ns: context.now,
+    }
+}
+
+/// Opens the flow of a TCP SYN the flow cache admits, as the full path would have: its
+/// conntrack entry, its counters and (if allowed flows are reported) its event.
+///
+/// # Safety
+/// `entry` must point to the packet's live flow cache slot.
+#[inline(always)]
+pub unsafe fn open_cached_flow(entry: *const FlowCacheEntry, context: &FlowContext, ifindex: u32, direction: u8, packet: &Packet, bytes: u64) {
+    // SAFETY: the caller's pointer is a per-CPU map value live for this program run.
+    let e = unsafe { &*entry };
+    let endpoint = EndpointTag { slot: e.slot, revision: e.revision };
+    if e.records != 0 {
+        flow::insert(&context.flow.key, &new_flow_state(context, direction, packet, e.slot, e.revision, e.rule_index, 0));
+    }
+    let outcome = Outcome { judgement: Judgement::Allowed { rule: e.rule_index }, identity: e.peer_identity, fresh: true };
+    account(&outcome, ifindex, direction, endpoint, packet, bytes, HOOK_TC, None);
 }
 
 /// Remembers what a conntrack hit decided, if later packets may take it from the cache: an
@@ -529,38 +597,14 @@ pub fn judge_tc_packet(
         allow_defer,
         hairpin,
     );
-    // Entries keep the pod's own address on the pod's end (the fast path relies on it): a
-    // packet to the pod for another address is judged but not recorded.
-    if direction == DIRECTION_INGRESS && !is_own_address(endpoint, &packet.dst) {
-        may_record = false;
-    }
-    let mut flags = if flow.src_is_a { FLOW_INITIATOR_A } else { 0 };
-    if direction == DIRECTION_EGRESS {
-        flags |= FLOW_EGRESS;
-    }
     let record = match judgement {
-        Judgement::Allowed { rule } => Some((flags, rule)),
-        Judgement::Deferred => Some((flags | FLOW_DEFERRED, NO_RULE)),
-        Judgement::Audited { .. } => Some((flags | FLOW_AUDIT, NO_RULE)),
+        Judgement::Allowed { rule } => Some((0, rule)),
+        Judgement::Deferred => Some((FLOW_DEFERRED, NO_RULE)),
+        Judgement::Audited { .. } => Some((FLOW_AUDIT, NO_RULE)),
         Judgement::Denied { .. } => None,
     };
-    if let Some((flags, rule_index)) = record.filter(|_| may_record) {
-        let state = FlowState {
-            last_seen_ns: now,
-            revision: endpoint.revision,
-            ipcache_generation: settings.ipcache_generation,
-            rule_index,
-            flags,
-            tcp_state: flow::opened_state(packet),
-            // Meaningful once the netfilter hook confirms a deferred flow (it writes the
-            // backend); until then the destination the pod used. (Not zeros: a zeroed
-            // 16-byte array compiles to a byte-loop memset call.)
-            nat_port: packet.dst_port,
-            nat_addr: packet.dst,
-            slot: endpoint.endpoint_id,
-            _pad: 0,
-            created_ns: now,
-        };
+    if let Some((flags, rule_index)) = record.filter(|_| may_record && records_flow(direction, endpoint, packet)) {
+        let state = new_flow_state(context, direction, packet, endpoint.endpoint_id, endpoint.revision, rule_index, flags);
         flow::insert(&flow.key, &state);
     }
     Outcome { judgement, identity, fresh: true }
