@@ -114,6 +114,35 @@ impl Loaded {
         let enforced = self.maps.config().flags & CONFIG_EGRESS_ENFORCED;
         self.maps.set_settings(flags | enforced, events_per_second, burst).expect("settings");
     }
+    /// The flow cache map, to read what the programs left in it.
+    fn take_flow_cache(&mut self) -> PerCpuArray<MapData, FlowCacheEntry> {
+        PerCpuArray::try_from(self.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type")
+    }
+    /// The conntrack table.
+    fn take_conntrack(&mut self) -> AyaHashMap<MapData, FlowKey, FlowState> {
+        AyaHashMap::try_from(self.ebpf.take_map("CONNTRACK").expect("CONNTRACK")).expect("type")
+    }
+}
+
+/// The live entries of every CPU's flow cache that `keep` selects, by CPU.
+fn cache_entries_by_cpu(cache: &PerCpuArray<MapData, FlowCacheEntry>, keep: impl Fn(&FlowCacheEntry) -> bool) -> Vec<Vec<FlowCacheEntry>> {
+    let mut by_cpu: Vec<Vec<FlowCacheEntry>> = Vec::new();
+    for slot in 0..FLOW_CACHE_SLOTS {
+        for (cpu, entry) in cache.get(&slot, 0).expect("cache slot").iter().enumerate() {
+            if by_cpu.len() <= cpu {
+                by_cpu.resize(cpu + 1, Vec::new());
+            }
+            if entry.fresh_until_ns != 0 && keep(entry) {
+                by_cpu[cpu].push(*entry);
+            }
+        }
+    }
+    by_cpu
+}
+
+/// Whether a cache entry's flow has `port` at either end.
+fn has_port(entry: &FlowCacheEntry, port: u16) -> bool {
+    entry.key.port_a == port || entry.key.port_b == port
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -343,15 +372,10 @@ fn established_flows_are_cut_when_their_rule_is_revoked_or_their_peer_relabelled
 fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
-    let cache: PerCpuArray<MapData, FlowCacheEntry> =
-        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
-    let conntrack: AyaHashMap<MapData, FlowKey, FlowState> =
-        AyaHashMap::try_from(k.ebpf.take_map("CONNTRACK").expect("CONNTRACK")).expect("type");
+    let cache = k.take_flow_cache();
+    let conntrack = k.take_conntrack();
     let cached = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
-        (0..FLOW_CACHE_SLOTS)
-            .flat_map(|slot| cache.get(&slot, 0).expect("cache slot").iter().copied().collect::<Vec<_>>())
-            .filter(|e| e.fresh_until_ns != 0 && e.kind == CACHED_FLOW && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
-            .collect()
+        cache_entries_by_cpu(&cache, |e| e.kind == CACHED_FLOW && e.direction == direction && has_port(e, src_port)).concat()
     };
     let allow_300 = || {
         isolated(vec![RuleInput {
@@ -431,14 +455,10 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
 fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_changes() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
-    let cache: PerCpuArray<MapData, FlowCacheEntry> =
-        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
+    let cache = k.take_flow_cache();
     // The denials every CPU's cache holds for the flow with source port `src_port`.
     let denials = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
-        (0..FLOW_CACHE_SLOTS)
-            .flat_map(|slot| cache.get(&slot, 0).expect("cache slot").iter().copied().collect::<Vec<_>>())
-            .filter(|e| e.fresh_until_ns != 0 && e.kind == CACHED_DENIAL && e.direction == direction && (e.key.port_a == src_port || e.key.port_b == src_port))
-            .collect()
+        cache_entries_by_cpu(&cache, |e| e.kind == CACHED_DENIAL && e.direction == direction && has_port(e, src_port)).concat()
     };
     let allow = |identity: u32, protocol: u8, port: u16| {
         isolated(vec![RuleInput {
@@ -481,17 +501,8 @@ fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_change
     // SYNs from a new source port each (a SYN flood) take that one cached denial: no CPU's
     // cache holds a second SYN denial from the peer to port 81.
     let syn_denials_per_cpu = || -> Vec<usize> {
-        let mut per_cpu = Vec::new();
-        for slot in 0..FLOW_CACHE_SLOTS {
-            for (cpu, e) in cache.get(&slot, 0).expect("cache slot").iter().enumerate() {
-                per_cpu.resize(per_cpu.len().max(cpu + 1), 0);
-                let to_port_81 = e.key.port_a == 81 || e.key.port_b == 81;
-                if e.fresh_until_ns != 0 && e.kind == CACHED_DENIAL && e.flow_epoch == NO_FLOW_EPOCH && to_port_81 {
-                    per_cpu[cpu] += 1;
-                }
-            }
-        }
-        per_cpu
+        let syn_denial = |e: &FlowCacheEntry| e.kind == CACHED_DENIAL && e.flow_epoch == NO_FLOW_EPOCH && has_port(e, 81);
+        cache_entries_by_cpu(&cache, syn_denial).iter().map(Vec::len).collect()
     };
     let dropped_before = k.drops(REASON_POLICY_DENIED, DIRECTION_INGRESS);
     for source_port in 6100..6120 {
@@ -533,22 +544,11 @@ fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_change
 fn new_connections_open_from_the_flow_cache_as_the_full_path_opens_them() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
-    let cache: PerCpuArray<MapData, FlowCacheEntry> =
-        PerCpuArray::try_from(k.ebpf.take_map("FLOW_CACHE").expect("FLOW_CACHE")).expect("type");
-    let conntrack: AyaHashMap<MapData, FlowKey, FlowState> =
-        AyaHashMap::try_from(k.ebpf.take_map("CONNTRACK").expect("CONNTRACK")).expect("type");
+    let cache = k.take_flow_cache();
+    let conntrack = k.take_conntrack();
     // Admitted SYNs cached per CPU for connections to the pod's `port`.
     let admitted_per_cpu = |port: u16| -> Vec<usize> {
-        let mut per_cpu = Vec::new();
-        for slot in 0..FLOW_CACHE_SLOTS {
-            for (cpu, e) in cache.get(&slot, 0).expect("cache slot").iter().enumerate() {
-                per_cpu.resize(per_cpu.len().max(cpu + 1), 0);
-                if e.fresh_until_ns != 0 && e.kind == CACHED_NEW_FLOW && (e.key.port_a == port || e.key.port_b == port) {
-                    per_cpu[cpu] += 1;
-                }
-            }
-        }
-        per_cpu
+        cache_entries_by_cpu(&cache, |e| e.kind == CACHED_NEW_FLOW && has_port(e, port)).iter().map(Vec::len).collect()
     };
     let entry = |src: &str, src_port: u16, dst: &str, dst_port: u16| {
         conntrack.get(&flow_key(LO, PROTO_TCP, &addr_bytes(ip(src)), src_port, &addr_bytes(ip(dst)), dst_port), 0).ok()

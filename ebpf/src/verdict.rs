@@ -381,8 +381,9 @@ fn records_flow(direction: u8, endpoint: &EndpointInfo, packet: &Packet) -> bool
     direction != DIRECTION_INGRESS || is_own_address(endpoint, &packet.dst)
 }
 
-/// The conntrack entry of a new flow admitted by `rule` (`deferred`: its egress verdict left to
-/// the netfilter hook; `audit`: passed under audit mode).
+/// The conntrack entry of a new flow recorded for endpoint `slot` at `revision` with
+/// `rule_index`; `extra_flags`: `FLOW_DEFERRED` (its egress verdict left to the netfilter hook)
+/// or `FLOW_AUDIT` (passed under audit mode), if either.
 #[inline(always)]
 fn new_flow_state(context: &FlowContext, direction: u8, packet: &Packet, slot: u32, revision: u32, rule_index: u32, extra_flags: u8) -> FlowState {
     let mut flags = extra_flags;
