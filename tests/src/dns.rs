@@ -120,7 +120,7 @@ pub fn query_udp(addr: SocketAddr, question: &DnsQuestion, timeout: Duration) ->
     let io = |source| DnsError::Io { addr, source };
     let id = random_id();
     let message = query_message(id, question)?;
-    let socket = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).map_err(io)?;
+    let socket = crate::netns::udp_probe_socket(addr.is_ipv4()).map_err(io)?;
     socket.set_read_timeout(Some(timeout)).map_err(io)?;
     // Connected: the local address is the pod's, and the kernel takes replies from `addr` only.
     socket.connect(addr).map_err(io)?;

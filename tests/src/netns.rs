@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,30 @@ fn sysctl(netns: &str, setting: &str) -> Result<(), NetnsError> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns, "sysctl", "-qw", setting]);
     run(cmd)
+}
+
+/// The next source port of a UDP probe: a process-wide counter over 20000..30000, below the
+/// kernel's ephemeral range.
+static NEXT_PROBE_PORT: AtomicU16 = AtomicU16::new(PROBE_PORTS.start);
+const PROBE_PORTS: std::ops::Range<u16> = 20000..30000;
+
+/// A UDP socket for one probe, bound to a source port no earlier probe of this process used
+/// (until the counter wraps). A probe from an ephemeral port may reuse the address and port
+/// pair of an earlier probe to the same target whose conntrack entry still lives (30 s
+/// unreplied, 120 s assured): the datagram then rides the earlier translation, no DNAT rule
+/// counts it, and the kube-proxy emulation's check that every answered probe was translated
+/// fails (seen once in a run of `.ci/run`: "coredns-2 answered, but no DNAT rule counted the connection").
+/// Ports in use (a server of the pod) are skipped; after 64 the kernel picks one.
+pub fn udp_probe_socket(ipv4: bool) -> std::io::Result<UdpSocket> {
+    for _ in 0..64 {
+        let offset = NEXT_PROBE_PORT.fetch_add(1, Ordering::Relaxed).wrapping_sub(PROBE_PORTS.start) % PROBE_PORTS.len() as u16;
+        let port = PROBE_PORTS.start + offset;
+        let local: SocketAddr = if ipv4 { (Ipv4Addr::UNSPECIFIED, port).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, port).into() };
+        if let Ok(socket) = UdpSocket::bind(local) {
+            return Ok(socket);
+        }
+    }
+    UdpSocket::bind(if ipv4 { "0.0.0.0:0" } else { "[::]:0" })
 }
 
 /// Runs `f` on a new thread inside network namespace `netns`; sockets it creates belong to
@@ -698,7 +722,7 @@ impl Cluster {
                     Some(Answer { local, pod })
                 }
                 Server::UdpEcho => {
-                    let socket = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+                    let socket = udp_probe_socket(target.is_ipv4()).ok()?;
                     socket.set_read_timeout(Some(timeout)).ok()?;
                     // Connected, so the local address is the pod's (for finding the conntrack
                     // entry) and the kernel takes replies from `target` only.
