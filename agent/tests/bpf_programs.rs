@@ -170,6 +170,11 @@ fn ranges(list: &[(u8, u16, u16)]) -> PortSetInput {
 }
 
 /// The endpoint under test: 10.0.0.1 / fd00::1.
+/// An isolated direction whose one rule admits `identity` on `protocol`/`port`.
+fn allow(identity: u32, protocol: u8, port: u16) -> DirectionEntries {
+    isolated(vec![RuleInput { peers: vec![PeerInput::Identities([identity].into())], ports: ranges(&[(protocol, port, port)]), origin: origin(0) }])
+}
+
 fn pod(ingress: DirectionEntries, egress: DirectionEntries) -> EndpointProgram {
     EndpointProgram {
         identity: 400,
@@ -328,14 +333,7 @@ fn pod_interfaces_drop_spoofed_sources() {
 fn established_flows_are_cut_when_their_rule_is_revoked_or_their_peer_relabelled() {
     let mut k = load();
     let mut sync = Synchronizer::with_capacity(Capacity::default());
-    let allow_300 = || {
-        isolated(vec![RuleInput {
-            peers: vec![PeerInput::Identities([300].into())],
-            ports: ranges(&[(PROTO_TCP, 80, 80)]),
-            origin: origin(0),
-        }])
-    };
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.2", 300)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_SYN)), RETURN_PASS);
     assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 40001, TCP_SYN | TCP_ACK)), RETURN_PASS, "reply");
     for _ in 0..3 {
@@ -343,21 +341,17 @@ fn established_flows_are_cut_when_their_rule_is_revoked_or_their_peer_relabelled
     }
     // The peer is relabelled (ipcache: another identity): its flow is cut at the next packet,
     // in both directions.
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.2", 305)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40001, 80, TCP_ACK)), RETURN_DROP, "relabelled peer");
     assert_eq!(k.run_from_pod(&tcp("10.0.0.1", "10.0.0.2", 80, 40001, TCP_ACK)), RETURN_PASS, "egress is not isolated");
     // Back, then the rule is revoked: cut again.
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 300)]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.2", 300)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_SYN)), RETURN_PASS);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_ACK)), RETURN_PASS);
     k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &[("10.0.0.2", 300)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 40002, 80, TCP_ACK)), RETURN_DROP, "revoked rule");
     // Replies of a flow whose egress is revoked are cut too.
-    let egress_to_300 = isolated(vec![RuleInput {
-        peers: vec![PeerInput::Identities([300].into())],
-        ports: ranges(&[(PROTO_UDP, 53, 53)]),
-        origin: origin(0),
-    }]);
+    let egress_to_300 = allow(300, PROTO_UDP, 53);
     k.program_lo(&mut sync, pod(DirectionEntries { isolated: true, ..Default::default() }, egress_to_300), &[("10.0.0.2", 300)]);
     assert_eq!(k.run_from_pod(&udp("10.0.0.1", "10.0.0.2", 7000, 53)), RETURN_PASS);
     assert_eq!(k.run_to_pod(&udp("10.0.0.2", "10.0.0.1", 53, 7000)), RETURN_PASS, "reply admitted");
@@ -377,15 +371,8 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     let cached = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
         cache_entries_by_cpu(&cache, |e| e.kind == CACHED_FLOW && e.direction == direction && has_port(e, src_port)).concat()
     };
-    let allow_300 = || {
-        isolated(vec![RuleInput {
-            peers: vec![PeerInput::Identities([300].into())],
-            ports: ranges(&[(PROTO_TCP, 80, 80)]),
-            origin: origin(0),
-        }])
-    };
     let peer = ("10.0.0.2", 300);
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[peer]);
     // The peer's connection from `port` to the pod's port 80: SYN, the pod's SYN-ACK, then
     // three ACKs each way, the later ones served by the cache.
     let open_busy_flow = |k: &mut Loaded, port: u16| {
@@ -426,19 +413,15 @@ fn busy_flows_ride_the_flow_cache_and_lose_it_on_every_change() {
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41002, 80, TCP_ACK)), RETURN_DROP, "revoked rule, cached flow");
 
     // A third, cached, then the peer is relabelled: cut at the next packet.
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[peer]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[peer]);
     open_busy_flow(&mut k, 41003);
     assert!(!cached(DIRECTION_INGRESS, 41003).is_empty());
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.2", 305)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 41003, 80, TCP_ACK)), RETURN_DROP, "relabelled peer, cached flow");
 
     // An egress UDP flow and its replies, cached, then the egress rule is revoked: the replies
     // are cut too.
-    let egress_to_300 = isolated(vec![RuleInput {
-        peers: vec![PeerInput::Identities([300].into())],
-        ports: ranges(&[(PROTO_UDP, 53, 53)]),
-        origin: origin(0),
-    }]);
+    let egress_to_300 = allow(300, PROTO_UDP, 53);
     let ingress_isolated = || DirectionEntries { isolated: true, ..Default::default() };
     k.program_lo(&mut sync, pod(ingress_isolated(), egress_to_300), &[peer]);
     for _ in 0..3 {
@@ -459,13 +442,6 @@ fn repeated_denials_ride_the_flow_cache_and_yield_to_conntrack_and_policy_change
     // The denials every CPU's cache holds for the flow with source port `src_port`.
     let denials = |direction: u8, src_port: u16| -> Vec<FlowCacheEntry> {
         cache_entries_by_cpu(&cache, |e| e.kind == CACHED_DENIAL && e.direction == direction && has_port(e, src_port)).concat()
-    };
-    let allow = |identity: u32, protocol: u8, port: u16| {
-        isolated(vec![RuleInput {
-            peers: vec![PeerInput::Identities([identity].into())],
-            ports: ranges(&[(protocol, port, port)]),
-            origin: origin(0),
-        }])
     };
     let peers = [("10.0.0.2", 300), ("10.0.0.3", 301)];
     // Ingress admits identity 300 on TCP 80; egress is open.
@@ -553,15 +529,8 @@ fn new_connections_open_from_the_flow_cache_as_the_full_path_opens_them() {
     let entry = |src: &str, src_port: u16, dst: &str, dst_port: u16| {
         conntrack.get(&flow_key(LO, PROTO_TCP, &addr_bytes(ip(src)), src_port, &addr_bytes(ip(dst)), dst_port), 0).ok()
     };
-    let allow_300 = || {
-        isolated(vec![RuleInput {
-            peers: vec![PeerInput::Identities([300].into())],
-            ports: ranges(&[(PROTO_TCP, 80, 80)]),
-            origin: origin(0),
-        }])
-    };
     let peers = [("10.0.0.2", 300)];
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &peers);
     k.settings(CONFIG_EVENTS_ALLOWED, 1000, 1000);
     k.drain_events();
 
@@ -591,16 +560,16 @@ fn new_connections_open_from_the_flow_cache_as_the_full_path_opens_them() {
     k.program_lo(&mut sync, pod(isolated(vec![]), DirectionEntries::default()), &peers);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 42100, 80, TCP_SYN)), RETURN_DROP, "revoked rule");
     // Admitted again and cached, then the peer relabelled: dropped.
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &peers);
     for source_port in 42200..42203 {
         assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", source_port, 80, TCP_SYN)), RETURN_PASS);
     }
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &[("10.0.0.2", 305)]);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &[("10.0.0.2", 305)]);
     assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.1", 42203, 80, TCP_SYN)), RETURN_DROP, "relabelled peer");
 
     // A SYN to the pod for an address that is not the pod's is judged and passed but not
     // recorded, from the cache too.
-    k.program_lo(&mut sync, pod(allow_300(), DirectionEntries::default()), &peers);
+    k.program_lo(&mut sync, pod(allow(300, PROTO_TCP, 80), DirectionEntries::default()), &peers);
     for source_port in 42300..42303 {
         assert_eq!(k.run_to_pod(&tcp("10.0.0.2", "10.0.0.99", source_port, 80, TCP_SYN)), RETURN_PASS);
         assert!(entry("10.0.0.2", source_port, "10.0.0.99", 80).is_none(), "not recorded");

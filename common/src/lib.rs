@@ -390,7 +390,8 @@ pub fn flow_epoch_index(ifindex: u32) -> u32 {
 }
 
 /// The value of `FLOW_CACHE`: the judgement a conntrack entry gave one packet direction of
-/// its flow, or a denial of a packet no entry admitted, and what it was current under.
+/// its flow, a denial of a packet no entry admitted, or a TCP SYN's admission, and what it was
+/// current under.
 /// Written only by a TC program, which runs with bottom halves off, so no other run on the
 /// CPU sees it half-written.
 #[repr(C, align(8))]
@@ -404,7 +405,7 @@ pub struct FlowCacheEntry {
     pub direction: u8,
     /// The judgement is audit (would be denied) rather than allowed.
     pub audit: u8,
-    /// [`CACHED_FLOW`] or [`CACHED_DENIAL`].
+    /// [`CACHED_FLOW`], [`CACHED_DENIAL`] or [`CACHED_NEW_FLOW`].
     pub kind: u8,
     /// What the verdict was current under: `REVISIONS[slot] == revision` and the ipcache
     /// generation, checked on every hit as the conntrack fast path checks them.

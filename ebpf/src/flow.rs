@@ -199,7 +199,9 @@ pub fn cache_index(flow: &FlowRef, direction: u8, any_source_port: bool) -> u32 
 
 /// Whether a cache entry's key is the packet's flow key but for the packet's source port
 /// (the entry's `src_is_a` is compared by the caller): the same interface, addresses,
-/// protocol and destination port, which is all a TCP SYN's verdict depends on.
+/// protocol and destination port, which is all a TCP SYN's verdict depends on. (Kept apart
+/// from `same_key`: one compare taking the ignored bits as a parameter pushed the TC programs
+/// over the 512-byte stack limit.)
 #[inline(always)]
 pub fn same_key_but_source_port(entry: &FlowCacheEntry, flow: &FlowRef) -> bool {
     let a = &entry.key as *const FlowKey as *const u64;

@@ -355,16 +355,12 @@ pub fn remember_verdict(context: &FlowContext, direction: u8, endpoint: &Endpoin
     };
     // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.
     unsafe {
-        flow::copy_key(entry, &context.flow);
-        (*entry).src_is_a = context.flow.src_is_a as u8;
-        (*entry).direction = direction;
+        claim_slot(entry, context, direction, kind);
         (*entry).audit = 0;
-        (*entry).kind = kind;
         (*entry).slot = endpoint.endpoint_id;
         (*entry).revision = endpoint.revision;
         (*entry).ipcache_generation = context.settings.ipcache_generation;
         (*entry).rule_index = rule;
-        (*entry).fresh_until_ns = context.now + FLOW_CACHE_WINDOW_NS;
         (*entry).flow_epoch = context.flow_epoch;
         (*entry).peer_identity = outcome.identity;
         (*entry).reason = reason;
@@ -444,15 +440,28 @@ unsafe fn remember(context: &FlowContext, direction: u8, packet: &Packet, state:
     }
     // SAFETY: a per-CPU map value; no other run on this CPU interleaves with a TC program's.
     unsafe {
-        flow::copy_key(entry, &context.flow);
-        (*entry).src_is_a = context.flow.src_is_a as u8;
-        (*entry).direction = direction;
+        claim_slot(entry, context, direction, CACHED_FLOW);
         (*entry).audit = (s.flags & FLOW_AUDIT != 0) as u8;
-        (*entry).kind = CACHED_FLOW;
         (*entry).slot = s.slot;
         (*entry).revision = s.revision;
         (*entry).ipcache_generation = s.ipcache_generation;
         (*entry).rule_index = s.rule_index;
+    }
+}
+
+/// Gives the packet's flow cache slot to its flow and hook direction for the window, as an
+/// entry of `kind`; the caller writes the verdict and what it is current under.
+///
+/// # Safety
+/// `entry` must point to the packet's flow cache slot, written only by TC programs.
+#[inline(always)]
+unsafe fn claim_slot(entry: *mut FlowCacheEntry, context: &FlowContext, direction: u8, kind: u8) {
+    // SAFETY: the caller's pointer is a per-CPU map value live for this program run.
+    unsafe {
+        flow::copy_key(entry, &context.flow);
+        (*entry).src_is_a = context.flow.src_is_a as u8;
+        (*entry).direction = direction;
+        (*entry).kind = kind;
         (*entry).fresh_until_ns = context.now + FLOW_CACHE_WINDOW_NS;
     }
 }
