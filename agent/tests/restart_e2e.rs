@@ -10,36 +10,11 @@
 //! (unmounted at the end, also on failure) before starting agents, whose private mount
 //! namespaces inherit it.
 mod common;
-use common::check_matrix;
+use common::{BpffsMounts, check_matrix};
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
 use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, layout, mount_root, remove_mount_root, write_atomically, write_manifests};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-
-/// bpffs mounts made by this test, unmounted on drop.
-struct BpffsMounts(Vec<PathBuf>);
-
-impl BpffsMounts {
-    fn mount(paths: Vec<PathBuf>) -> BpffsMounts {
-        let mut mounts = BpffsMounts(Vec::new());
-        for path in paths {
-            std::fs::create_dir_all(&path).expect("mount point");
-            let status = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path).status().expect("mount runs");
-            assert!(status.success(), "mounting bpffs at {}", path.display());
-            mounts.0.push(path);
-        }
-        mounts
-    }
-}
-
-impl Drop for BpffsMounts {
-    fn drop(&mut self) {
-        for path in &self.0 {
-            let _ = Command::new("umount").arg(path).status();
-        }
-    }
-}
 
 fn link_pins(path: &Path, node: &str) -> usize {
     std::fs::read_dir(path.join("netsieve").join(node).join("links")).map_or(0, |d| d.count())

@@ -6,11 +6,13 @@
 //! backends, replies from the ClusterIP, hairpin, DNS through the kube-dns ClusterIP) on the
 //! routed and the bridged layout. Needs root; touches nothing outside its namespaces.
 mod common;
+use common::BpffsMounts;
+use common::observe::status;
 use common::services::{Case, EGRESS_CASES, INGRESS_CASES, check_cases, oracle};
 use netsieve_tests::kube_proxy::{KubeProxy, ProxyMode};
-use netsieve_tests::netns::{Cluster, Transport, namespaces_with_prefix, run_in};
-use netsieve_tests::seed_cluster::{Agents, remove_mount_root};
-use netsieve_tests::service_cluster::{KUBE_DNS_IP, build, wait_until_enforcing, write_manifests};
+use netsieve_tests::netns::{Cluster, Transport, eventually, namespaces_with_prefix, run_in};
+use netsieve_tests::seed_cluster::{Agents, agent_socket, mount_root, remove_mount_root, write_atomically};
+use netsieve_tests::service_cluster::{KUBE_DNS_IP, POLICIES, build, wait_until_enforcing, write_manifests};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -150,4 +152,83 @@ fn nftables_mode_egress_through_services() {
 fn bridged_iptables_mode_through_services() {
     let all: Vec<Case> = INGRESS_CASES.iter().chain(EGRESS_CASES).copied().collect();
     through_services_with_agents("svc-br", ProxyMode::Iptables, true, &all, "bridged layout, iptables, manifests, all cases");
+}
+
+/// The policies of the Service scenario that isolate no pod's egress.
+fn ingress_only_policies() -> String {
+    let documents: Vec<&str> = POLICIES.split("\n---\n").filter(|document| !document.contains("Egress")).collect();
+    assert_eq!(documents.len(), 2, "the scenario's two ingress-only policies");
+    documents.join("\n---\n")
+}
+
+/// The netfilter links an agent pinned (four hooks when attached).
+fn netfilter_link_pins(bpffs: &Path, node: &str) -> usize {
+    std::fs::read_dir(bpffs.join("netsieve").join(node).join("netfilter-links")).map_or(0, |d| d.count())
+}
+
+/// The netfilter program follows egress enforcement: on nodes where no pod's egress is
+/// isolated it is not attached (no hooks, no defragmentation for the node's packets) and
+/// ingress through Services is enforced without it; once a policy isolates a local pod's egress
+/// it is attached before that pod's egress is enforced and judges Service egress after DNAT;
+/// when the last such policy goes, it is detached again.
+#[test]
+fn netfilter_program_attached_only_while_egress_is_enforced() {
+    let tag = "svc-nf-idle";
+    let cluster = build(tag, false).expect("cluster");
+    let prefix = format!("nsv-{}-", cluster.id);
+    let proxy = KubeProxy::install(&cluster, ProxyMode::Nftables).expect("kube-proxy rules");
+    let dir = std::env::temp_dir().join(format!("netsieve-{tag}-{}", cluster.id));
+    let scratch = Scratch(dir.clone(), &cluster);
+    let bpffs: Vec<PathBuf> =
+        cluster.nodes.iter().map(|n| PathBuf::from(format!("{}/bpffs-{}", mount_root(&cluster), n.name))).collect();
+    let mounts = BpffsMounts::mount(bpffs.clone());
+    std::fs::create_dir_all(&dir).expect("manifests dir");
+    write_manifests(&dir, &cluster).expect("manifests");
+    let policies = dir.join("policies.yaml");
+    write_atomically(&policies, &ingress_only_policies()).expect("ingress-only policies");
+    let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
+    let mut agents = Agents::start(&cluster, binary, &dir, &["--counters-interval", "0"]).expect("agents");
+    let nodes: Vec<(usize, &str)> = cluster.nodes.iter().enumerate().map(|(i, n)| (i, n.name.as_str())).collect();
+    // (egress enforced, netfilter program attached, its pinned links) on each node.
+    let hooks = |index: usize, node: &str| {
+        let status = status(&agent_socket(&cluster, index));
+        (status["egress_enforced"] == true, status["netfilter_hook"] == true, netfilter_link_pins(&bpffs[index], node))
+    };
+    for &(index, _) in &nodes {
+        let ready = eventually(Duration::from_secs(20), || cluster.http_get(index, 9090, "/readyz").is_some_and(|(code, _)| code == 200));
+        assert!(ready, "node{index}'s agent was not ready; agents:\n{:#?}", agents.stop());
+    }
+    for &(index, node) in &nodes {
+        assert_eq!(hooks(index, node), (false, false, 0), "{node}: no pod's egress is isolated, the netfilter program is idle");
+    }
+    let state = netsieve::manifests::load_dir(&dir).expect("manifests").cluster_state();
+    check_cases(&cluster, &proxy, &state, INGRESS_CASES, "netfilter program not attached, ingress cases");
+
+    // A policy isolating egress: attached on the nodes of the pods it selects, before their
+    // egress is enforced.
+    write_atomically(&policies, POLICIES).expect("all policies");
+    if let Err(error) = wait_until_enforcing(&cluster, Duration::from_secs(20)) {
+        panic!("{error}; agents:\n{:#?}", agents.stop());
+    }
+    for &(index, node) in &nodes {
+        assert_eq!(hooks(index, node), (true, true, 4), "{node}: egress enforced, the netfilter program attached at its four hooks");
+    }
+    let state = netsieve::manifests::load_dir(&dir).expect("manifests").cluster_state();
+    check_cases(&cluster, &proxy, &state, EGRESS_CASES, "netfilter program attached when needed, egress cases");
+
+    // The last egress policy gone: detached.
+    write_atomically(&policies, &ingress_only_policies()).expect("ingress-only policies");
+    for &(index, node) in &nodes {
+        let idle = eventually(Duration::from_secs(5), || hooks(index, node) == (false, false, 0));
+        assert!(idle, "{node}: the netfilter program stays attached after the last egress policy went: {:?}", hooks(index, node));
+    }
+    for (success, stderr) in agents.stop() {
+        assert!(success, "agent did not exit cleanly:\n{stderr}");
+        assert!(stderr.contains("netfilter program detached"), "{stderr}");
+    }
+    drop(proxy);
+    drop(mounts);
+    drop(scratch);
+    drop(cluster);
+    assert!(namespaces_with_prefix(&prefix).is_empty(), "namespaces left behind");
 }

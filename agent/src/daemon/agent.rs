@@ -71,7 +71,6 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         let mut dataplane = Dataplane::load(&args)?;
         dataplane.set_event_settings(args.events_per_second, args.events_burst, args.events_allowed)?;
-        dataplane.enable_netfilter();
         let mut controller = Controller::new(&args.node, !args.deny_node_traffic, Capacity::default(), metrics.clone());
         controller.set_node_audit(args.audit);
         if args.audit {
@@ -151,6 +150,9 @@ impl Agent {
         let result = self.run_step(step);
         let succeeded = result.is_ok();
         self.record(result);
+        if let Err(error) = self.dataplane.maps.retry_netfilter() {
+            tracing::error!(%error, "cannot record the netfilter program's state");
+        }
         self.detach_unwanted();
         (succeeded, self.attach_programmed())
     }
@@ -402,6 +404,12 @@ impl Agent {
         if reason.is_empty() && self.dataplane.attachments.previous_links() > 0 {
             self.dataplane.attachments.release_previous();
         }
+        // A previous agent's netfilter links go when ours replace them; if no local pod's
+        // egress is enforced, ours never attach, and theirs serve no TC link of theirs once
+        // those are gone.
+        if let (true, Some(hooks)) = (reason.is_empty(), self.dataplane.maps.netfilter_hooks()) {
+            hooks.links.release_previous();
+        }
     }
 
     pub(super) fn snapshot(&mut self) -> DataplaneSnapshot {
@@ -469,13 +477,15 @@ impl Agent {
         match self.args.on_exit {
             OnExit::Detach => {
                 self.dataplane.attachments.detach_all(&mut self.dataplane.ebpf);
-                self.dataplane.netfilter_links.detach_all();
+                if let Some(hooks) = self.dataplane.maps.netfilter_hooks() {
+                    hooks.links.detach_all();
+                }
                 let _ = std::fs::remove_dir_all(&self.dataplane.pin_dir);
                 tracing::info!(interfaces, elapsed_ms = started.elapsed().as_millis() as u64, "agent stopped: programs detached, pins removed");
             }
             OnExit::Keep => {
                 let links = self.dataplane.attachments.keep_pinned(&mut self.dataplane.ebpf)
-                    + self.dataplane.netfilter_links.keep_pinned();
+                    + self.dataplane.maps.netfilter_hooks().map_or(0, |hooks| hooks.links.keep_pinned());
                 tracing::info!(
                     interfaces, links, pins = %self.dataplane.pin_dir.display(),
                     "agent stopped: programs stay attached and enforce the last programmed state until the next agent takes over"

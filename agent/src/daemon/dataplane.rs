@@ -7,7 +7,7 @@ use crate::dataplane::bpffs;
 use crate::dataplane::discovery::InterfaceIndex;
 use crate::dataplane::kernel;
 use crate::dataplane::maps::{KernelMaps, MapsError};
-use crate::dataplane::netfilter::{NetfilterLinks, NetfilterProgram};
+use crate::dataplane::netfilter::{NetfilterHooks, NetfilterLinks};
 use crate::policy::PodInfo;
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use netsieve_common::{CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENT_COUNTER_COUNT, FlowKey, FlowState, REASON_COUNT, REASON_NAMES};
@@ -59,9 +59,6 @@ pub(super) struct Dataplane {
     pub(super) events: Option<RingBuf<MapData>>,
     /// The conntrack table, read (never written) by live explanations off the loop.
     pub(super) conntrack: Arc<HashMap<MapData, FlowKey, FlowState>>,
-    /// The netfilter program judging pod egress after DNAT, if this kernel runs it.
-    netfilter: Option<NetfilterProgram>,
-    pub(super) netfilter_links: NetfilterLinks,
     pub(super) attachments: Attachments,
     pub(super) interfaces: InterfaceIndex,
     pub(super) pin_dir: PathBuf,
@@ -92,6 +89,13 @@ impl Dataplane {
         let event_counters = take(&mut ebpf, "EVENT_COUNTERS")?;
         let events = take(&mut ebpf, "EVENTS")?;
         let conntrack = Arc::new(take(&mut ebpf, "CONNTRACK")?);
+        // The netfilter program judging pod egress after DNAT, if this kernel runs it: attached
+        // while some local pod's egress is enforced (the synchronizer says when).
+        let netfilter_links = NetfilterLinks::persistent(&pin_dir.join(NETFILTER_LINK_DIR));
+        match loaded.netfilter {
+            Ok(program) => maps.manage_netfilter(NetfilterHooks::new(program, netfilter_links)),
+            Err(error) => tracing::warn!(%error, "no netfilter program: egress to Service addresses is judged on the address the pod used"),
+        }
         Ok(Dataplane {
             ebpf,
             maps,
@@ -100,35 +104,10 @@ impl Dataplane {
             event_counters,
             events: Some(events),
             conntrack,
-            netfilter: loaded.netfilter.ok(),
-            netfilter_links: NetfilterLinks::persistent(&pin_dir.join(NETFILTER_LINK_DIR)),
             attachments: Attachments::persistent(&pin_dir.join("links")),
             interfaces: InterfaceIndex::default(),
             pin_dir,
         })
-    }
-
-    /// Attaches the netfilter program (once) and tells the TC programs they may defer egress
-    /// verdicts to it. Without it, TC judges egress on the address the pod used.
-    pub(super) fn enable_netfilter(&mut self) {
-        let Some(program) = &self.netfilter else { return };
-        if self.netfilter_links.attached() {
-            return;
-        }
-        match self.netfilter_links.attach_all(program) {
-            Ok(()) => {
-                let config = self.maps.config();
-                if let Err(error) =
-                    self.maps.set_settings(config.flags | CONFIG_NETFILTER_ACTIVE, config.events_per_second, config.events_burst)
-                {
-                    tracing::error!(%error, "cannot enable deferral to the netfilter program");
-                }
-            }
-            Err(error) => tracing::error!(
-                %error,
-                "cannot attach the netfilter program: egress to Service addresses is judged on the address the pod used"
-            ),
-        }
     }
 
     /// Writes the event settings (`--events-per-second`, `--events-burst`, `--events-allowed`),
@@ -139,7 +118,8 @@ impl Dataplane {
         self.maps.set_settings(flags, per_second, burst)
     }
 
-    /// Whether the TC programs defer Service egress to the attached netfilter program.
+    /// Whether the netfilter program is attached (some local pod's egress is enforced) and
+    /// the TC programs defer Service egress to it.
     pub(super) fn netfilter_active(&self) -> bool {
         self.maps.config().flags & CONFIG_NETFILTER_ACTIVE != 0
     }

@@ -2,6 +2,7 @@
 //! settings the agent reads and writes. Thin: key encoding only, no policy logic.
 use super::batch;
 use super::lpm::PortPrefix;
+use super::netfilter::NetfilterHooks;
 use super::sync::PolicyMaps;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -9,7 +10,7 @@ use aya::maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, Per
 use ipnet::Ipv6Net;
 use std::os::fd::AsFd;
 use netsieve_common::{
-    CONFIG_EGRESS_ENFORCED, Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
+    CONFIG_EGRESS_ENFORCED, CONFIG_NETFILTER_ACTIVE, Config, EndpointInfo, EndpointStats, IpcacheKey, IpcacheValue, POLICY_CIDR_FIXED_BITS, POLICY_PORT_FIXED_BITS,
     PolicyCidrKeyData, PolicyIdentityKey, PolicyPortKey, PolicyPortRangeKeyData, RuleMask, RuleStats,
 };
 
@@ -41,6 +42,10 @@ pub struct KernelMaps {
     config: Config,
     /// When set, what counters held just before `reset_counters` zeroed them for reuse.
     residue: Option<CounterResidue>,
+    /// The netfilter program, when this kernel runs it: attached and detached with
+    /// `CONFIG_EGRESS_ENFORCED` (see [`NetfilterHooks`]); `CONFIG_NETFILTER_ACTIVE` says it is
+    /// attached. Without it (tests, benchmarks) the flags are the caller's to set.
+    netfilter: Option<NetfilterHooks>,
 }
 
 /// Counts read from endpoint slots and rule counters just before they were zeroed for reuse:
@@ -77,6 +82,7 @@ impl KernelMaps {
             rule_stats: take(ebpf, "RULE_STATS")?,
             config: Config::default(),
             residue: None,
+            netfilter: None,
         })
     }
 
@@ -103,6 +109,28 @@ impl KernelMaps {
     pub fn set_settings(&mut self, flags: u32, events_per_second: u32, events_burst: u32) -> Result<(), MapsError> {
         let config = Config { flags, events_per_second, events_burst, ..self.config };
         self.write_config(config).map_err(|source| MapsError::Access { name: "CONFIG", source })
+    }
+
+    /// Hands the netfilter program and its links over: from now on they follow
+    /// `set_egress_enforced`.
+    pub fn manage_netfilter(&mut self, hooks: NetfilterHooks) {
+        self.netfilter = Some(hooks);
+    }
+
+    pub fn netfilter_hooks(&mut self) -> Option<&mut NetfilterHooks> {
+        self.netfilter.as_mut()
+    }
+
+    /// Attaches the netfilter program if some pod's egress is enforced and an earlier attempt
+    /// failed (each reconcile retries).
+    pub fn retry_netfilter(&mut self) -> Result<(), MapsError> {
+        if self.config.flags & CONFIG_EGRESS_ENFORCED == 0 || self.config.flags & CONFIG_NETFILTER_ACTIVE != 0 {
+            return Ok(());
+        }
+        if self.netfilter.is_none() {
+            return Ok(());
+        }
+        self.set_egress_enforced(true).map_err(|source| MapsError::Access { name: "CONFIG", source })
     }
 
     fn write_config(&mut self, config: Config) -> Result<(), MapError> {
@@ -226,9 +254,29 @@ impl PolicyMaps for KernelMaps {
         let config = Config { ipcache_generation: generation, ..self.config };
         self.write_config(config)
     }
+    /// With the netfilter program managed here: attached before the flag goes on (the TC
+    /// programs defer Service egress to it only with both `CONFIG_EGRESS_ENFORCED` and
+    /// `CONFIG_NETFILTER_ACTIVE`), detached after both go off. If it cannot be attached, the
+    /// TC programs judge egress on the address the pod used (Service egress fails closed).
     fn set_egress_enforced(&mut self, on: bool) -> Result<(), MapError> {
-        let flags = if on { self.config.flags | CONFIG_EGRESS_ENFORCED } else { self.config.flags & !CONFIG_EGRESS_ENFORCED };
-        self.write_config(Config { flags, ..self.config })
+        let mut flags = if on { self.config.flags | CONFIG_EGRESS_ENFORCED } else { self.config.flags & !CONFIG_EGRESS_ENFORCED };
+        if let Some(hooks) = &mut self.netfilter {
+            flags &= !CONFIG_NETFILTER_ACTIVE;
+            if on {
+                match hooks.attach() {
+                    Ok(()) => flags |= CONFIG_NETFILTER_ACTIVE,
+                    Err(error) => tracing::error!(
+                        %error,
+                        "cannot attach the netfilter program: egress to Service addresses is judged on the address the pod used"
+                    ),
+                }
+            }
+        }
+        self.write_config(Config { flags, ..self.config })?;
+        if let (false, Some(hooks)) = (on, &mut self.netfilter) {
+            hooks.detach();
+        }
+        Ok(())
     }
     fn set_slot_revision(&mut self, slot: u32, revision: u32) -> Result<(), MapError> {
         self.revisions.set(slot, revision, 0)

@@ -456,6 +456,30 @@ impl NetfilterLinks {
         !self.held.is_empty()
     }
 
+    /// Unpins (detaches) a previous agent's links ours did not replace: once this agent is in
+    /// sync and every previous TC link is gone, nothing defers to them any more.
+    pub fn release_previous(&mut self) {
+        for path in std::mem::take(&mut self.previous) {
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(pin = %path.display(), %error, "cannot remove a previous agent's netfilter link");
+            }
+        }
+    }
+
+    /// Detaches ours (unpinned), keeping a previous agent's until [`NetfilterLinks::release_previous`].
+    pub fn detach_ours(&mut self) {
+        let detached = self.held.len();
+        for (_, fd, path) in self.held.drain(..) {
+            if let Some(path) = path {
+                let _ = std::fs::remove_file(path);
+            }
+            drop(fd);
+        }
+        if detached > 0 {
+            tracing::info!(hooks = detached, "netfilter program detached (no local pod's egress is enforced)");
+        }
+    }
+
     /// Detaches ours and a previous agent's.
     pub fn detach_all(&mut self) {
         for (_, fd, path) in self.held.drain(..) {
@@ -475,6 +499,37 @@ impl NetfilterLinks {
         self.held.clear();
         self.previous.clear();
         kept
+    }
+}
+
+/// The netfilter program and its links, attached only while some local pod's egress is
+/// enforced: the program judges nothing else, and its hooks (with the defragmentation they
+/// bring) would otherwise cost every packet of the node, host traffic included, for nothing.
+/// [`NetfilterHooks::attach`] runs before the first egress-enforcing endpoint is programmed and
+/// [`NetfilterHooks::detach`] after the last one is gone (the synchronizer's
+/// `set_egress_enforced`), so no packet whose egress is enforced misses the hook.
+#[derive(Debug)]
+pub struct NetfilterHooks {
+    program: NetfilterProgram,
+    pub links: NetfilterLinks,
+}
+
+impl NetfilterHooks {
+    pub fn new(program: NetfilterProgram, links: NetfilterLinks) -> NetfilterHooks {
+        NetfilterHooks { program, links }
+    }
+
+    /// Attaches at every hook unless attached.
+    pub fn attach(&mut self) -> Result<(), NetfilterError> {
+        self.links.attach_all(&self.program)
+    }
+
+    pub fn detach(&mut self) {
+        self.links.detach_ours();
+    }
+
+    pub fn attached(&self) -> bool {
+        self.links.attached()
     }
 }
 

@@ -388,7 +388,12 @@ pub struct NodeStatus {
     /// When the maps were last written (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_programmed: Option<String>,
+    /// Whether the netfilter program is attached: while some local pod's egress is enforced
+    /// (`egress_enforced`), unless attaching it failed.
     pub netfilter_hook: bool,
+    /// Whether some local pod's egress is enforced.
+    #[serde(default)]
+    pub egress_enforced: bool,
     pub events: EventStatus,
     pub maps: Vec<MapPressure>,
     pub drops: Vec<ReasonCount>,

@@ -143,7 +143,11 @@ pub fn status_text(status: &NodeStatus) -> String {
     let _ = writeln!(
         out,
         "netfilter hook (egress after DNAT): {}",
-        if status.netfilter_hook { "attached" } else { "not attached (Service egress judged on the ClusterIP, fail closed)" }
+        match (status.netfilter_hook, status.egress_enforced) {
+            (true, _) => "attached",
+            (false, false) => "idle, not attached (no local pod's egress is enforced)",
+            (false, true) => "not attached (Service egress judged on the ClusterIP, fail closed)",
+        }
     );
     let e = &status.events;
     let rate = if e.settings.per_second == 0 {

@@ -3,7 +3,7 @@
 use netsieve::policy::{ClusterState, Protocol, explain};
 use netsieve_tests::netns::Cluster;
 use netsieve_tests::seed_cluster::namespace_of;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The probe matrix over the seed scenario: (from pod, to pod, port, protocol).
@@ -52,3 +52,28 @@ pub fn check_matrix(cluster: &Cluster, dir: &Path, stage: &str) {
 
 pub mod observe;
 pub mod services;
+
+/// bpffs mounts made by a test (one per node, under the cluster's mount root, before its agents
+/// start, so that pins outlive an agent process and the test can read them), unmounted on drop.
+pub struct BpffsMounts(Vec<PathBuf>);
+
+impl BpffsMounts {
+    pub fn mount(paths: Vec<PathBuf>) -> BpffsMounts {
+        let mut mounts = BpffsMounts(Vec::new());
+        for path in paths {
+            std::fs::create_dir_all(&path).expect("mount point");
+            let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path).status().expect("mount runs");
+            assert!(status.success(), "mounting bpffs at {}", path.display());
+            mounts.0.push(path);
+        }
+        mounts
+    }
+}
+
+impl Drop for BpffsMounts {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::process::Command::new("umount").arg(path).status();
+        }
+    }
+}
