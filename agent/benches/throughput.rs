@@ -2,14 +2,43 @@
 //! TCP request/response, TCP connection rate and bulk TCP between two pods of one node, with
 //! no program, with the real `netsieve agent --manifests` enforcing a ~1,000-rule ingress
 //! policy on the server, with an nftables ruleset (sets and verdict maps) and with a linear
-//! iptables chain enforcing the same rules. Ratios are to "no program".
+//! iptables chain enforcing the same rules, and, as a reference, an empty TC program attached
+//! where netsieve attaches its programs. Ratios are to "no program".
 //!
 //! Run with `cargo xtask bench` (root), or alone with `cargo xtask bench throughput`.
 //! `NETSIEVE_BENCH_ROUNDS` and `NETSIEVE_BENCH_SECONDS` override the rounds (3) and the seconds
 //! per measurement (3); `NETSIEVE_BENCH_RATES` (a comma-separated list of `udp`, `rr`,
 //! `connections`, `bulk`) measures only those rates. The method is in `netsieve_tests::throughput` and docs/BENCHMARKS.md.
+use aya::programs::{SchedClassifier, TcAttachType};
 use netsieve_tests::throughput::{self, Config, Rate};
 use std::time::Instant;
+
+/// The empty program (`netsieve_pass`, from the agent's own object) attached by TCX to both
+/// directions of `interfaces` inside `netns`, as the agent attaches its programs. The returned
+/// object holds the links.
+fn attach_empty_program(netns: &str, interfaces: &[String]) -> Result<Box<dyn std::any::Any>, String> {
+    let interfaces = interfaces.to_vec();
+    let attached = netsieve_tests::netns::in_netns(netns, move || -> Result<aya::Ebpf, String> {
+        // Loads (and verifies) every program of the object, as the agent does.
+        let mut ebpf = netsieve::dataplane::kernel::load().map_err(|e| e.to_string())?.ebpf;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("netsieve_pass")
+            .ok_or("no program netsieve_pass")?
+            .try_into()
+            .map_err(|e| format!("netsieve_pass: {e}"))?;
+        for interface in &interfaces {
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                program.attach(interface, hook).map_err(|e| format!("attaching to {interface} ({hook:?}): {e}"))?;
+            }
+        }
+        Ok(ebpf)
+    })
+    .map_err(|e| e.to_string())?
+    .join()
+    .map_err(|_| "the attaching thread panicked".to_string())?
+    .map_err(|e| e.to_string())??;
+    Ok(Box::new(attached))
+}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -40,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let load_before = read("/proc/loadavg");
     let started = Instant::now();
     let netsieve = std::path::Path::new(env!("CARGO_BIN_EXE_netsieve"));
-    let (results, mut beds) = throughput::run(config, netsieve, |line| eprintln!("throughput: {line}"))?;
+    let (results, mut beds) = throughput::run(config, netsieve, &attach_empty_program, |line| eprintln!("throughput: {line}"))?;
     let load_after = read("/proc/loadavg");
     let agent_exit = beds.iter_mut().find_map(|b| b.stop_agent());
     drop(beds);

@@ -151,18 +151,12 @@ fn agents_follow_the_api_server() {
 
     let dir = std::env::temp_dir().join(format!("netsieve-kube-{}", cluster.id));
     std::fs::create_dir_all(&dir).expect("dir");
-    for (index, addr) in api.addrs.iter().enumerate() {
-        std::fs::write(dir.join(format!("kubeconfig-{index}")), FakeApiServer::kubeconfig(*addr)).expect("kubeconfig");
-    }
+    let kubeconfigs = api.write_kubeconfigs(&dir).expect("kubeconfigs");
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
     let started = Instant::now();
     // With only the DaemonSet's capabilities (BPF, PERFMON, NET_ADMIN).
-    let mut agents = Agents::spawn_least_privileged(&cluster, binary, |index| {
-        let kubeconfig = dir.join(format!("kubeconfig-{index}")).to_string_lossy().to_string();
-        ["--kubeconfig", &kubeconfig, "--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}"), "--counters-interval", "0"]
-            .map(String::from)
-            .to_vec()
-    })
+    let metrics_addr = format!("127.0.0.1:{METRICS_PORT}");
+    let mut agents = Agents::against_api(&cluster, binary, &kubeconfigs, &["--metrics-addr", &metrics_addr, "--counters-interval", "0"])
     .expect("agents");
 
     // Health first, then readiness (initial lists applied, programs attached).

@@ -453,16 +453,9 @@ fn late_pod_object_from_the_api_server() {
     }
     let dir = std::env::temp_dir().join(format!("netsieve-cniapi-{}", cluster.id));
     std::fs::create_dir_all(&dir).expect("dir");
-    for (index, addr) in api.addrs.iter().enumerate() {
-        std::fs::write(dir.join(format!("kubeconfig-{index}")), FakeApiServer::kubeconfig(*addr)).expect("kubeconfig");
-    }
+    let kubeconfigs = api.write_kubeconfigs(&dir).expect("kubeconfigs");
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
-    let mut agents = Agents::spawn_least_privileged(&cluster, binary, |index| {
-        let kubeconfig = dir.join(format!("kubeconfig-{index}")).to_string_lossy().to_string();
-        ["--kubeconfig", &kubeconfig, "--counters-interval", "0", "--cni-pod-wait-ms", "1000"]
-            .map(String::from)
-            .to_vec()
-    })
+    let mut agents = Agents::against_api(&cluster, binary, &kubeconfigs, &["--counters-interval", "0", "--cni-pod-wait-ms", "1000"])
     .expect("agents");
     for node in 0..2 {
         assert!(

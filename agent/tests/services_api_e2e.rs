@@ -32,14 +32,9 @@ fn through_services_with_api_agents(tag: &str, mode: ProxyMode, cases: &[Case], 
     }
     let dir = std::env::temp_dir().join(format!("netsieve-{tag}-{}", cluster.id));
     std::fs::create_dir_all(&dir).expect("dir");
-    for (index, addr) in api.addrs.iter().enumerate() {
-        std::fs::write(dir.join(format!("kubeconfig-{index}")), FakeApiServer::kubeconfig(*addr)).expect("kubeconfig");
-    }
+    let kubeconfigs = api.write_kubeconfigs(&dir).expect("kubeconfigs");
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
-    let mut agents = Agents::spawn_least_privileged(&cluster, binary, |index| {
-        let kubeconfig = dir.join(format!("kubeconfig-{index}")).to_string_lossy().to_string();
-        ["--kubeconfig", &kubeconfig, "--metrics-addr", "127.0.0.1:9090", "--counters-interval", "0"].map(String::from).to_vec()
-    })
+    let mut agents = Agents::against_api(&cluster, binary, &kubeconfigs, &["--metrics-addr", "127.0.0.1:9090", "--counters-interval", "0"])
     .expect("agents");
     for node in 0..2 {
         if !eventually(Duration::from_secs(20), || cluster.http_get(node, 9090, "/readyz").is_some_and(|(c, _)| c == 200)) {

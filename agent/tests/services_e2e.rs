@@ -12,7 +12,7 @@ use common::services::{Case, EGRESS_CASES, INGRESS_CASES, check_cases, oracle};
 use netsieve_tests::kube_proxy::{KubeProxy, ProxyMode};
 use netsieve_tests::netns::{Cluster, Transport, eventually, namespaces_with_prefix, run_in};
 use netsieve_tests::seed_cluster::{Agents, agent_socket, mount_root, remove_mount_root, write_atomically};
-use netsieve_tests::service_cluster::{KUBE_DNS_IP, POLICIES, build, wait_until_enforcing, write_manifests};
+use netsieve_tests::service_cluster::{EGRESS_POLICIES, EGRESS_POLICIES_FILE, KUBE_DNS_IP, build, wait_until_enforcing, write_manifests};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,13 +154,6 @@ fn bridged_iptables_mode_through_services() {
     through_services_with_agents("svc-br", ProxyMode::Iptables, true, &all, "bridged layout, iptables, manifests, all cases");
 }
 
-/// The policies of the Service scenario that isolate no pod's egress.
-fn ingress_only_policies() -> String {
-    let documents: Vec<&str> = POLICIES.split("\n---\n").filter(|document| !document.contains("Egress")).collect();
-    assert_eq!(documents.len(), 2, "the scenario's two ingress-only policies");
-    documents.join("\n---\n")
-}
-
 /// The netfilter links an agent pinned (four hooks when attached).
 fn netfilter_link_pins(bpffs: &Path, node: &str) -> usize {
     std::fs::read_dir(bpffs.join("netsieve").join(node).join("netfilter-links")).map_or(0, |d| d.count())
@@ -184,8 +177,9 @@ fn netfilter_program_attached_only_while_egress_is_enforced() {
     let mounts = BpffsMounts::mount(bpffs.clone());
     std::fs::create_dir_all(&dir).expect("manifests dir");
     write_manifests(&dir, &cluster).expect("manifests");
-    let policies = dir.join("policies.yaml");
-    write_atomically(&policies, &ingress_only_policies()).expect("ingress-only policies");
+    // The scenario without its egress policies first.
+    let egress_policies = dir.join(EGRESS_POLICIES_FILE);
+    std::fs::remove_file(&egress_policies).expect("egress policies removed");
     let binary = Path::new(env!("CARGO_BIN_EXE_netsieve"));
     let mut agents = Agents::start(&cluster, binary, &dir, &["--counters-interval", "0"]).expect("agents");
     let nodes: Vec<(usize, &str)> = cluster.nodes.iter().enumerate().map(|(i, n)| (i, n.name.as_str())).collect();
@@ -206,7 +200,7 @@ fn netfilter_program_attached_only_while_egress_is_enforced() {
 
     // A policy isolating egress: attached on the nodes of the pods it selects, before their
     // egress is enforced.
-    write_atomically(&policies, POLICIES).expect("all policies");
+    write_atomically(&egress_policies, EGRESS_POLICIES).expect("egress policies");
     if let Err(error) = wait_until_enforcing(&cluster, Duration::from_secs(20)) {
         panic!("{error}; agents:\n{:#?}", agents.stop());
     }
@@ -217,7 +211,7 @@ fn netfilter_program_attached_only_while_egress_is_enforced() {
     check_cases(&cluster, &proxy, &state, EGRESS_CASES, "netfilter program attached when needed, egress cases");
 
     // The last egress policy gone: detached.
-    write_atomically(&policies, &ingress_only_policies()).expect("ingress-only policies");
+    std::fs::remove_file(&egress_policies).expect("egress policies removed");
     for &(index, node) in &nodes {
         let idle = eventually(Duration::from_secs(5), || hooks(index, node) == (false, false, 0));
         assert!(idle, "{node}: the netfilter program stays attached after the last egress policy went: {:?}", hooks(index, node));

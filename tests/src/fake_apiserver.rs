@@ -127,6 +127,18 @@ impl FakeApiServer {
         )
     }
 
+    /// Writes a kubeconfig for each of the server's addresses (one per node) into `dir`, as
+    /// `kubeconfig-<index>`: their paths, in node order.
+    pub fn write_kubeconfigs(&self, dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+        let mut paths = Vec::new();
+        for (index, addr) in self.addrs.iter().enumerate() {
+            let path = dir.join(format!("kubeconfig-{index}"));
+            std::fs::write(&path, FakeApiServer::kubeconfig(*addr))?;
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+
     /// Creates or replaces an object (its `kind` says which collection).
     pub fn apply(&self, mut object: Value) {
         let Some(resource) = Resource::of(&object) else { panic!("unknown kind in {object}") };

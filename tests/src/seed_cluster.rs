@@ -171,6 +171,16 @@ impl Agents {
         Ok(agents)
     }
 
+    /// [`Agents::spawn_least_privileged`] against the API server of `kubeconfigs` (one per node,
+    /// in node order), each with `extra` arguments.
+    pub fn against_api(cluster: &Cluster, binary: &Path, kubeconfigs: &[std::path::PathBuf], extra: &[&str]) -> std::io::Result<Agents> {
+        Agents::spawn_least_privileged(cluster, binary, |index| {
+            let mut args = vec!["--kubeconfig".to_string(), kubeconfigs[index].to_string_lossy().to_string()];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            args
+        })
+    }
+
     /// `netsieve agent --node NODE --bpffs ... --socket ... <source_args(node index)>` on every
     /// node.
     pub fn spawn(cluster: &Cluster, binary: &Path, source_args: impl Fn(usize) -> Vec<String>) -> std::io::Result<Agents> {

@@ -87,62 +87,14 @@ pub fn service_specs() -> Vec<ServiceSpec> {
     ]
 }
 
-pub const POLICIES: &str = "apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-ingress, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  policyTypes: [Ingress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {role: frontend}}}]
-    ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 5353}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: api-ingress, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: api}}
-  policyTypes: [Ingress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {role: frontend}}}]
-    ports: [{protocol: TCP, port: http-api}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: client-egress, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Egress]
-  egress:
-  - to: [{podSelector: {matchLabels: {tier: open}}}]
-    ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 5353}]
-  - to: [{podSelector: {matchLabels: {app: api}}}]
-    ports: [{protocol: TCP, port: 8081}]
-  - to:
-    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
-      podSelector: {matchLabels: {k8s-app: kube-dns}}
-    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
----
-# Seed 001: default deny in prod, then allow DNS egress to kube-dns.
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: default-deny-all, namespace: prod}
-spec:
-  podSelector: {}
-  policyTypes: [Ingress, Egress]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: allow-dns-egress, namespace: prod}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-  - to:
-    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}
-      podSelector: {matchLabels: {k8s-app: kube-dns}}
-    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
-";
+/// The scenario's policies that isolate ingress only (web and api backends).
+pub const INGRESS_POLICIES: &str = include_str!("../fixtures/services/ingress-policies.yaml");
+/// The scenario's policies that isolate egress: the clients', and the default deny plus DNS of
+/// `prod` (seed 001).
+pub const EGRESS_POLICIES: &str = include_str!("../fixtures/services/egress-policies.yaml");
+/// The files [`write_manifests`] writes them to.
+pub const INGRESS_POLICIES_FILE: &str = "policies-ingress.yaml";
+pub const EGRESS_POLICIES_FILE: &str = "policies-egress.yaml";
 
 /// The namespaces, with their automatic name label.
 pub const NAMESPACES: &[&str] = &["shop", "prod", "kube-system", "default"];
@@ -247,16 +199,21 @@ pub fn node_objects(cluster: &Cluster) -> Vec<Value> {
 
 /// The policies as objects.
 pub fn policy_objects() -> Result<Vec<Value>, serde_yaml::Error> {
-    serde_yaml::Deserializer::from_str(POLICIES).map(Value::deserialize).collect()
+    [INGRESS_POLICIES, EGRESS_POLICIES]
+        .into_iter()
+        .flat_map(serde_yaml::Deserializer::from_str)
+        .map(Value::deserialize)
+        .collect()
 }
 
 /// Writes what the agent reads in manifests mode: namespaces, nodes, pods (one JSON list) and
-/// the policies (YAML).
+/// the policies (YAML, one file for the ingress-only ones and one for those isolating egress).
 pub fn write_manifests(dir: &Path, cluster: &Cluster) -> std::io::Result<()> {
     let mut items: Vec<Value> = NAMESPACES.iter().map(|n| namespace_object(n)).collect();
     items.extend(node_objects(cluster));
     items.extend(PODS.iter().map(|p| pod_object(cluster, p)));
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
     crate::seed_cluster::write_atomically(&dir.join("cluster.json"), &list.to_string())?;
-    crate::seed_cluster::write_atomically(&dir.join("policies.yaml"), POLICIES)
+    crate::seed_cluster::write_atomically(&dir.join(INGRESS_POLICIES_FILE), INGRESS_POLICIES)?;
+    crate::seed_cluster::write_atomically(&dir.join(EGRESS_POLICIES_FILE), EGRESS_POLICIES)
 }

@@ -488,37 +488,45 @@ pub struct LiveExplanation {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+impl FlowPeer {
+    /// A pod's end of a flow (tests).
+    pub(crate) fn pod_for_tests(ip: &str, port: u16, namespace: &str, pod: &str) -> FlowPeer {
+        FlowPeer { ip: ip.parse().expect("ip"), port, namespace: Some(namespace.into()), pod: Some(pod.into()), node: false }
+    }
+}
 
-    fn event() -> FlowEvent {
+#[cfg(test)]
+impl FlowEvent {
+    /// A TCP packet from `src` to `dst` dropped by ingress policy at TC on node0 (tests).
+    pub(crate) fn dropped_for_tests(time: &str, src: FlowPeer, dst: FlowPeer) -> FlowEvent {
         FlowEvent {
-            time: "2026-11-30T10:15:02.123456789Z".into(),
+            time: time.into(),
             node: "node0".into(),
             verdict: EventVerdict::Dropped,
             reason: "policy_denied".into(),
             direction: EventDirection::Ingress,
             protocol: "TCP".into(),
-            src: FlowPeer {
-                ip: "10.0.0.2".parse().expect("ip"),
-                port: 40000,
-                namespace: Some("default".into()),
-                pod: Some("client".into()),
-                node: false,
-            },
-            dst: FlowPeer {
-                ip: "10.0.0.1".parse().expect("ip"),
-                port: 80,
-                namespace: Some("web".into()),
-                pod: Some("nginx".into()),
-                node: false,
-            },
+            src,
+            dst,
             endpoint: None,
             rule: None,
             service: None,
             hook: "tc".into(),
             detail: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> FlowEvent {
+        FlowEvent::dropped_for_tests(
+            "2026-11-30T10:15:02.123456789Z",
+            FlowPeer::pod_for_tests("10.0.0.2", 40000, "default", "client"),
+            FlowPeer::pod_for_tests("10.0.0.1", 80, "web", "nginx"),
+        )
     }
 
     #[test]

@@ -118,31 +118,10 @@ impl EventHub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node_api::observe::{EventDirection, EventVerdict, FlowPeer};
+    use crate::node_api::observe::FlowPeer;
 
     fn event(pod: &str) -> FlowEvent {
-        let peer = |pod: &str| FlowPeer {
-            ip: "10.0.0.1".parse().expect("ip"),
-            port: 80,
-            namespace: Some("ns".into()),
-            pod: Some(pod.into()),
-            node: false,
-        };
-        FlowEvent {
-            time: "t".into(),
-            node: "n".into(),
-            verdict: EventVerdict::Dropped,
-            reason: "policy_denied".into(),
-            direction: EventDirection::Ingress,
-            protocol: "TCP".into(),
-            src: peer("client"),
-            dst: peer(pod),
-            endpoint: None,
-            rule: None,
-            service: None,
-            hook: "tc".into(),
-            detail: None,
-        }
+        FlowEvent::dropped_for_tests("t", FlowPeer::pod_for_tests("10.0.0.1", 80, "ns", "client"), FlowPeer::pod_for_tests("10.0.0.1", 80, "ns", pod))
     }
 
     #[test]

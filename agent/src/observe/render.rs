@@ -277,21 +277,11 @@ mod tests {
     use crate::node_api::observe::{EventDirection, SocketRef};
 
     fn event() -> FlowEvent {
-        FlowEvent {
-            time: "2025-11-30T10:15:03.123456789Z".into(),
-            node: "node0".into(),
-            verdict: EventVerdict::Dropped,
-            reason: "policy_denied".into(),
-            direction: EventDirection::Ingress,
-            protocol: "TCP".into(),
-            src: FlowPeer { ip: "10.250.0.11".parse().expect("ip"), port: 40312, namespace: Some("default".into()), pod: Some("interactivetest".into()), node: false },
-            dst: FlowPeer { ip: "10.250.0.10".parse().expect("ip"), port: 80, namespace: Some("default".into()), pod: Some("nginx-1".into()), node: false },
-            endpoint: None,
-            rule: None,
-            service: None,
-            hook: "tc".into(),
-            detail: None,
-        }
+        FlowEvent::dropped_for_tests(
+            "2025-11-30T10:15:03.123456789Z",
+            FlowPeer::pod_for_tests("10.250.0.11", 40312, "default", "interactivetest"),
+            FlowPeer::pod_for_tests("10.250.0.10", 80, "default", "nginx-1"),
+        )
     }
 
     #[test]

@@ -243,15 +243,9 @@ impl<'a> Session<'a> {
                     server.apply(object.clone());
                     published.insert((resource, key), object);
                 }
-                for (index, addr) in server.addrs.iter().enumerate() {
-                    let path = dir.join(format!("kubeconfig-{index}"));
-                    std::fs::write(&path, FakeApiServer::kubeconfig(*addr)).map_err(io("writing a kubeconfig"))?;
-                }
-                let agents = Agents::spawn_least_privileged(cluster, binary, |index| {
-                    let kubeconfig = dir.join(format!("kubeconfig-{index}")).to_string_lossy().to_string();
-                    ["--kubeconfig", &kubeconfig, "--metrics-addr", &metrics, "--counters-interval", "0"].map(String::from).to_vec()
-                })
-                .map_err(io("starting the agents"))?;
+                let kubeconfigs = server.write_kubeconfigs(&dir).map_err(io("writing a kubeconfig"))?;
+                let agents = Agents::against_api(cluster, binary, &kubeconfigs, &["--metrics-addr", &metrics, "--counters-interval", "0"])
+                    .map_err(io("starting the agents"))?;
                 (agents, Source::Api { server, published })
             }
         };

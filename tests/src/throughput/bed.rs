@@ -41,10 +41,21 @@ pub enum Enforcer {
     Netsieve,
     Nftables,
     Iptables,
+    /// Not an enforcer: an empty TC program attached where netsieve attaches its programs
+    /// (both directions of both pods' host-side veths), so the part of netsieve's cost that is
+    /// the attachment itself (the TCX hook, the program call) shows apart from its programs'
+    /// work.
+    EmptyProgram,
 }
 
+/// Attaches an empty TC program to both directions of the named interfaces in a node's
+/// namespace; what it returns holds the attachments (dropped: detached). The bench provides it
+/// (the programs are the agent crate's, which this crate does not depend on).
+pub type AttachEmptyProgram<'a> = &'a dyn Fn(&str, &[String]) -> Result<Box<dyn std::any::Any>, String>;
+
 impl Enforcer {
-    pub const ALL: [Enforcer; 4] = [Enforcer::NoProgram, Enforcer::Netsieve, Enforcer::Nftables, Enforcer::Iptables];
+    pub const ALL: [Enforcer; 5] =
+        [Enforcer::NoProgram, Enforcer::Netsieve, Enforcer::Nftables, Enforcer::Iptables, Enforcer::EmptyProgram];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,6 +63,7 @@ impl Enforcer {
             Enforcer::Netsieve => "netsieve",
             Enforcer::Nftables => "nftables",
             Enforcer::Iptables => "iptables",
+            Enforcer::EmptyProgram => "empty prog",
         }
     }
 
@@ -62,7 +74,13 @@ impl Enforcer {
             Enforcer::Netsieve => "tput-nsv",
             Enforcer::Nftables => "tput-nft",
             Enforcer::Iptables => "tput-ipt",
+            Enforcer::EmptyProgram => "tput-empty",
         }
+    }
+
+    /// Whether the bed drops what no rule admits.
+    fn enforces(self) -> bool {
+        !matches!(self, Enforcer::NoProgram | Enforcer::EmptyProgram)
     }
 
     /// Whether the enforcer uses the node's conntrack table (flushed before each measurement
@@ -82,13 +100,17 @@ pub enum BedError {
     Manifests { dir: String, source: std::io::Error },
     #[error("starting the agent: {0}")]
     Agent(String),
+    #[error("attaching the empty program: {0}")]
+    EmptyProgram(String),
     #[error("{enforcer} bed: {what}")]
     Check { enforcer: &'static str, what: String },
 }
 
-/// One bed. Fields drop in order: the agent and iperf3 stop before the namespaces go.
+/// One bed. Fields drop in order: the agent, the empty program's attachments and iperf3 go
+/// before the namespaces.
 pub struct Bed {
     agents: Option<Agents>,
+    empty_program: Option<Box<dyn std::any::Any>>,
     iperf3: Option<Iperf3Server>,
     manifests: Option<PathBuf>,
     pub enforcer: Enforcer,
@@ -98,9 +120,15 @@ pub struct Bed {
 impl Bed {
     /// Builds the bed, installs the enforcer, and checks it: the client reaches the server on
     /// an admitted port, and on a port no rule admits only without an enforcer.
-    pub fn new(enforcer: Enforcer, policy: &BenchPolicy, netsieve: &Path, cpus: Cpus) -> Result<Bed, BedError> {
+    pub fn new(
+        enforcer: Enforcer,
+        policy: &BenchPolicy,
+        netsieve: &Path,
+        attach_empty: AttachEmptyProgram,
+        cpus: Cpus,
+    ) -> Result<Bed, BedError> {
         let cluster = Cluster::new(enforcer.tag(), 1, &[("client", 0), ("server", 0)])?;
-        let mut bed = Bed { agents: None, iperf3: None, manifests: None, enforcer, cluster };
+        let mut bed = Bed { agents: None, empty_program: None, iperf3: None, manifests: None, enforcer, cluster };
         bed.iperf3 = Some(Iperf3Server::start(&bed.cluster.pod("server").netns, IPERF3_PORT, cpus.server)?);
         let node_ns = bed.cluster.nodes[0].netns.clone();
         let (client_ip, server_veth) = (bed.cluster.pod("client").ip.clone(), bed.cluster.pod("server").host_veth.clone());
@@ -112,6 +140,10 @@ impl Bed {
             }
             Enforcer::Iptables => {
                 run_in(&node_ns, crate::kube_proxy::iptables::RESTORE, &[], Some(&policy.iptables(&server_veth, &client_ip)))?;
+            }
+            Enforcer::EmptyProgram => {
+                let veths = [bed.cluster.pod("client").host_veth.clone(), server_veth];
+                bed.empty_program = Some(attach_empty(&node_ns, &veths).map_err(BedError::EmptyProgram)?);
             }
         }
         bed.check()?;
@@ -190,7 +222,7 @@ impl Bed {
             return Err(check_error(format!("the client does not reach the server on admitted port {CHECK_PORT}")));
         }
         let denied_reached = tcp_reachable(self.client_ns(), self.server_ns(), self.server(DENIED_PORT), timeout)?;
-        let enforcing = self.enforcer != Enforcer::NoProgram;
+        let enforcing = self.enforcer.enforces();
         if denied_reached == enforcing {
             return Err(check_error(format!(
                 "the client {} the server on port {DENIED_PORT}, which no rule admits",
@@ -219,6 +251,7 @@ impl Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         self.agents = None;
+        self.empty_program = None;
         self.iperf3 = None;
         if let Some(dir) = self.manifests.take() {
             let _ = std::fs::remove_dir_all(dir);

@@ -1,6 +1,7 @@
 //! Throughput through an enforced veth, side by side in one run (issue 10): no program,
 //! netsieve enforcing a ~1,000-rule policy, nftables with sets and verdict maps, and a linear
-//! iptables chain enforcing the same rules ([`policy`]); each on a one-node bed of its own
+//! iptables chain enforcing the same rules ([`policy`]), and an empty TC program attached where
+//! netsieve's are (what the attachment alone costs); each on a one-node bed of its own
 //! ([`bed`]), measured with the same load generators ([`load`]) in interleaved rounds.
 //!
 //! Driven by `agent/benches/throughput.rs` (`cargo xtask bench`, or alone with
@@ -9,7 +10,7 @@ pub mod bed;
 pub mod load;
 pub mod policy;
 
-use bed::{Bed, BedError, Enforcer};
+use bed::{AttachEmptyProgram, Bed, BedError, Enforcer};
 use load::Cpus;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -148,13 +149,18 @@ pub struct Results {
 /// measured on every bed in turn, the order rotating from round to round and rate to rate, so
 /// drift of the machine's load falls on every enforcer alike. `progress` gets a line per
 /// measurement.
-pub fn run(config: Config, netsieve: &std::path::Path, mut progress: impl FnMut(&str)) -> Result<(Results, Vec<Bed>), BedError> {
+pub fn run(
+    config: Config,
+    netsieve: &std::path::Path,
+    attach_empty: AttachEmptyProgram,
+    mut progress: impl FnMut(&str),
+) -> Result<(Results, Vec<Bed>), BedError> {
     let cpus = Cpus::split();
     let policy = policy::BenchPolicy::new(config.decoys, config.client_position, &bed::client_ports());
     let mut beds = Vec::new();
     for enforcer in Enforcer::ALL {
         let started = std::time::Instant::now();
-        beds.push(Bed::new(enforcer, &policy, netsieve, cpus)?);
+        beds.push(Bed::new(enforcer, &policy, netsieve, attach_empty, cpus)?);
         progress(&format!("{} bed ready and checked in {:.1} s", enforcer.name(), started.elapsed().as_secs_f64()));
     }
     let mut samples = vec![vec![Vec::new(); Enforcer::ALL.len()]; Rate::ALL.len()];
@@ -212,14 +218,14 @@ impl Results {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<30} {:<11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
-            "rate", "unit", "no program", "netsieve", "nftables", "iptables", "nsv/none", "nft/none", "ipt/none"
+            "{:<30} {:<11} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>10}",
+            "rate", "unit", "no program", "netsieve", "nftables", "iptables", "nsv/none", "nft/none", "ipt/none", "empty prog", "empty/none"
         );
         for (r, rate) in self.config.measured_rates() {
             let (unit, factor) = rate.unit();
             let _ = writeln!(
                 out,
-                "{:<30} {:<11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>9.3} {:>9.3}",
+                "{:<30} {:<11} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>9.3} {:>9.3} {:>9.3} {:>10.2} {:>10.3}",
                 rate.name(),
                 unit,
                 self.median(r, 0) * factor,
@@ -228,7 +234,9 @@ impl Results {
                 self.median(r, 3) * factor,
                 self.ratio(r, 1),
                 self.ratio(r, 2),
-                self.ratio(r, 3)
+                self.ratio(r, 3),
+                self.median(r, 4) * factor,
+                self.ratio(r, 4)
             );
         }
         let _ = writeln!(out, "goal (issue 10): netsieve >= 0.95 of no program on every rate, and ahead of nftables and iptables");
