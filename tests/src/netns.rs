@@ -498,23 +498,36 @@ impl Cluster {
         &mut self,
         netns: &str,
         addr: String,
-        mut on_connection: impl FnMut(TcpStream) + Send + 'static,
+        on_connection: impl FnMut(TcpStream) + Send + 'static,
+    ) -> Result<(), NetnsError> {
+        let bind = move || TcpListener::bind(&addr).and_then(|l| l.set_nonblocking(true).map(|()| l)).map_err(|e| e.to_string());
+        self.spawn_accept_loop(netns, bind, |listener| listener.accept().map(|(stream, _)| stream), on_connection)
+    }
+
+    /// Runs a connection-oriented server in `netns` until the cluster is dropped: `bind` makes
+    /// a non-blocking listener (its error is reported to the caller, which waits for it),
+    /// `accept` takes one connection, and `on_connection` serves it.
+    fn spawn_accept_loop<L, C>(
+        &mut self,
+        netns: &str,
+        bind: impl FnOnce() -> Result<L, String> + Send + 'static,
+        accept: impl Fn(&L) -> std::io::Result<C> + Send + 'static,
+        mut on_connection: impl FnMut(C) + Send + 'static,
     ) -> Result<(), NetnsError> {
         let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = in_netns(netns, move || {
-            let listener = match TcpListener::bind(&addr) {
+            let listener = match bind() {
                 Ok(l) => l,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = listener.set_nonblocking(true);
             let _ = ready_tx.send(Ok(()));
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => on_connection(stream),
+                match accept(&listener) {
+                    Ok(connection) => on_connection(connection),
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
@@ -612,36 +625,25 @@ impl Cluster {
         let addr: SocketAddr = addr
             .parse()
             .map_err(|e| NetnsError::Command { command: format!("bind SCTP {addr}"), stderr: format!("{e}") })?;
-        let (stop, count) = (self.stop.clone(), self.register(pod, port, Server::Sctp));
+        let count = self.register(pod, port, Server::Sctp);
         let greeting = format!("ok {pod}\n");
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = in_netns(&netns, move || {
-            let listener = match sctp_socket(&addr).and_then(|s| {
-                s.set_reuse_address(true)?;
-                s.bind(&addr.into())?;
-                s.listen(64)?;
-                s.set_nonblocking(true)?;
-                Ok(s)
-            }) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("SCTP {addr}: {e}")));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut association, _)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        let _ = association.set_nonblocking(false);
-                        let _ = association.write_all(greeting.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        })?;
-        self.wait_ready(handle, ready_rx)
+        let bind = move || {
+            sctp_socket(&addr)
+                .and_then(|s| {
+                    s.set_reuse_address(true)?;
+                    s.bind(&addr.into())?;
+                    s.listen(64)?;
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+                .map_err(|e| format!("SCTP {addr}: {e}"))
+        };
+        let accept = |listener: &socket2::Socket| listener.accept().map(|(association, _)| association);
+        self.spawn_accept_loop(&netns, bind, accept, move |mut association: socket2::Socket| {
+            count.fetch_add(1, Ordering::Relaxed);
+            let _ = association.set_nonblocking(false);
+            let _ = association.write_all(greeting.as_bytes());
+        })
     }
 
     fn register(&mut self, pod: &str, port: u16, server: Server) -> Arc<AtomicU64> {
