@@ -5,7 +5,7 @@
 //! counted there), divided by the wall time. `NETSIEVE_AGENT_BINARY` measures another build the
 //! same way (docs/BENCHMARKS.md compares the polling build with this one). Needs root.
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{agent_socket, mount_root, remove_mount_root, write_atomically};
+use netsieve_tests::seed_cluster::{agent_socket, node_bpffs, remove_mount_root, write_atomically};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -44,7 +44,7 @@ fn idle_agent_cpu_with_two_pods() {
         "{apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: a, namespace: default}, spec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]}}\n",
     )
     .expect("policy");
-    let bpffs = format!("{}/bpffs-node0", mount_root(&cluster));
+    let bpffs = node_bpffs(&cluster, "node0");
     let socket = agent_socket(&cluster, 0).to_string_lossy().to_string();
     let mut args = vec!["agent", "--node", "node0", "--manifests", dir.to_str().expect("path"), "--bpffs", &bpffs, "--counters-interval", "0"];
     // A build from before the node socket has no --socket.

@@ -10,14 +10,14 @@
 //! (unmounted at the end, also on failure) before starting agents, whose private mount
 //! namespaces inherit it.
 mod common;
-use common::{BpffsMounts, check_matrix};
+use common::{BpffsMounts, check_matrix, pins};
 use netsieve_tests::netns::{Cluster, eventually, namespaces_with_prefix};
-use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, layout, mount_root, remove_mount_root, write_atomically, write_manifests};
-use std::path::{Path, PathBuf};
+use netsieve_tests::seed_cluster::{serve_seed, ACCESS_NGINX, Agents, layout, remove_mount_root, write_atomically, write_manifests};
+use std::path::Path;
 use std::time::Duration;
 
 fn link_pins(path: &Path, node: &str) -> usize {
-    std::fs::read_dir(path.join("netsieve").join(node).join("links")).map_or(0, |d| d.count())
+    pins(path, node, "links")
 }
 
 #[test]
@@ -25,9 +25,7 @@ fn enforcement_survives_agent_restarts() {
     let mut cluster = Cluster::new("restart", 2, &layout()).expect("cluster");
     let prefix = format!("nsv-{}", cluster.id);
     serve_seed(&mut cluster).expect("servers");
-    let bpffs: Vec<PathBuf> =
-        cluster.nodes.iter().map(|n| PathBuf::from(format!("{}/bpffs-{}", mount_root(&cluster), n.name))).collect();
-    let mounts = BpffsMounts::mount(bpffs.clone());
+    let (mounts, bpffs) = BpffsMounts::for_nodes(&cluster);
 
     let dir = std::env::temp_dir().join(format!("netsieve-restart-{}", cluster.id));
     std::fs::create_dir_all(&dir).expect("dir");

@@ -6,12 +6,12 @@
 //! backends, replies from the ClusterIP, hairpin, DNS through the kube-dns ClusterIP) on the
 //! routed and the bridged layout. Needs root; touches nothing outside its namespaces.
 mod common;
-use common::BpffsMounts;
+use common::{BpffsMounts, pins};
 use common::observe::status;
 use common::services::{Case, EGRESS_CASES, INGRESS_CASES, check_cases, oracle};
 use netsieve_tests::kube_proxy::{KubeProxy, ProxyMode};
 use netsieve_tests::netns::{Cluster, Transport, eventually, namespaces_with_prefix, run_in};
-use netsieve_tests::seed_cluster::{Agents, agent_socket, mount_root, remove_mount_root, write_atomically};
+use netsieve_tests::seed_cluster::{Agents, agent_socket, remove_mount_root, write_atomically};
 use netsieve_tests::service_cluster::{EGRESS_POLICIES, EGRESS_POLICIES_FILE, KUBE_DNS_IP, build, wait_until_enforcing, write_manifests};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -154,11 +154,6 @@ fn bridged_iptables_mode_through_services() {
     through_services_with_agents("svc-br", ProxyMode::Iptables, true, &all, "bridged layout, iptables, manifests, all cases");
 }
 
-/// The netfilter links an agent pinned (four hooks when attached).
-fn netfilter_link_pins(bpffs: &Path, node: &str) -> usize {
-    std::fs::read_dir(bpffs.join("netsieve").join(node).join("netfilter-links")).map_or(0, |d| d.count())
-}
-
 /// The netfilter program follows egress enforcement: on nodes where no pod's egress is
 /// isolated it is not attached (no hooks, no defragmentation for the node's packets) and
 /// ingress through Services is enforced without it; once a policy isolates a local pod's egress
@@ -172,9 +167,7 @@ fn netfilter_program_attached_only_while_egress_is_enforced() {
     let proxy = KubeProxy::install(&cluster, ProxyMode::Nftables).expect("kube-proxy rules");
     let dir = std::env::temp_dir().join(format!("netsieve-{tag}-{}", cluster.id));
     let scratch = Scratch(dir.clone(), &cluster);
-    let bpffs: Vec<PathBuf> =
-        cluster.nodes.iter().map(|n| PathBuf::from(format!("{}/bpffs-{}", mount_root(&cluster), n.name))).collect();
-    let mounts = BpffsMounts::mount(bpffs.clone());
+    let (mounts, bpffs) = BpffsMounts::for_nodes(&cluster);
     std::fs::create_dir_all(&dir).expect("manifests dir");
     write_manifests(&dir, &cluster).expect("manifests");
     // The scenario without its egress policies first.
@@ -186,7 +179,7 @@ fn netfilter_program_attached_only_while_egress_is_enforced() {
     // (egress enforced, netfilter program attached, its pinned links) on each node.
     let hooks = |index: usize, node: &str| {
         let status = status(&agent_socket(&cluster, index));
-        (status["egress_enforced"] == true, status["netfilter_hook"] == true, netfilter_link_pins(&bpffs[index], node))
+        (status["egress_enforced"] == true, status["netfilter_hook"] == true, pins(&bpffs[index], node, "netfilter-links"))
     };
     for &(index, _) in &nodes {
         let ready = eventually(Duration::from_secs(20), || cluster.http_get(index, 9090, "/readyz").is_some_and(|(code, _)| code == 200));

@@ -154,7 +154,7 @@ impl Agents {
         let mut agents = Agents(Vec::new());
         let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
         for (index, node) in cluster.nodes.iter().enumerate() {
-            let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
+            let bpffs = node_bpffs(cluster, &node.name);
             let socket = agent_socket(cluster, index).to_string_lossy().to_string();
             let mut args: Vec<String> =
                 ["agent", "--node", &node.name, "--bpffs", &bpffs, "--socket", &socket].map(String::from).to_vec();
@@ -186,7 +186,7 @@ impl Agents {
     pub fn spawn(cluster: &Cluster, binary: &Path, source_args: impl Fn(usize) -> Vec<String>) -> std::io::Result<Agents> {
         let mut agents = Agents(Vec::new());
         for (index, node) in cluster.nodes.iter().enumerate() {
-            let bpffs = format!("{}/bpffs-{}", mount_root(cluster), node.name);
+            let bpffs = node_bpffs(cluster, &node.name);
             let socket = agent_socket(cluster, index).to_string_lossy().to_string();
             let mut args: Vec<String> =
                 ["agent", "--node", &node.name, "--bpffs", &bpffs, "--socket", &socket].map(String::from).to_vec();
@@ -250,6 +250,11 @@ impl Drop for Agents {
 /// so only the empty directories remain on the machine; [`remove_mount_root`] deletes them.
 pub fn mount_root(cluster: &Cluster) -> String {
     format!("/run/netsieve-test-{}", cluster.id)
+}
+
+/// Where the agent of node `node` mounts (or finds) its bpffs: under the cluster's mount root.
+pub fn node_bpffs(cluster: &Cluster, node: &str) -> String {
+    format!("{}/bpffs-{node}", mount_root(cluster))
 }
 
 /// The node API socket of the agent of node `index`: one per agent, since several agents run

@@ -10,7 +10,7 @@ use crate::dataplane::maps::{KernelMaps, MapsError};
 use crate::dataplane::netfilter::{NetfilterHooks, NetfilterLinks};
 use crate::policy::PodInfo;
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use netsieve_common::{CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENT_COUNTER_COUNT, FlowKey, FlowState, REASON_COUNT, REASON_NAMES};
+use netsieve_common::{CONFIG_EGRESS_ENFORCED, CONFIG_EVENTS_ALLOWED, CONFIG_NETFILTER_ACTIVE, EVENT_COUNTER_COUNT, FlowKey, FlowState, REASON_COUNT, REASON_NAMES};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -122,6 +122,11 @@ impl Dataplane {
     /// the TC programs defer Service egress to it.
     pub(super) fn netfilter_active(&self) -> bool {
         self.maps.config().flags & CONFIG_NETFILTER_ACTIVE != 0
+    }
+
+    /// Whether some local pod's egress is enforced (the synchronizer's flag).
+    pub(super) fn egress_enforced(&self) -> bool {
+        self.maps.config().flags & CONFIG_EGRESS_ENFORCED != 0
     }
 
     pub(super) fn interface_of(interfaces: &InterfaceIndex) -> impl Fn(&PodInfo) -> Option<u32> + '_ {

@@ -234,7 +234,7 @@ impl Agent {
             audit: self.audit_status(),
             last_programmed: self.last_programmed.map(system_time_rfc3339),
             netfilter_hook: self.dataplane.netfilter_active(),
-            egress_enforced: self.dataplane.maps.config().flags & netsieve_common::CONFIG_EGRESS_ENFORCED != 0,
+            egress_enforced: self.dataplane.egress_enforced(),
             events: self.event_status(),
             maps: self
                 .map_pressure()

@@ -466,8 +466,9 @@ impl NetfilterLinks {
         }
     }
 
-    /// Detaches ours (unpinned), keeping a previous agent's until [`NetfilterLinks::release_previous`].
-    pub fn detach_ours(&mut self) {
+    /// Detaches ours (unpinned), keeping a previous agent's until
+    /// [`NetfilterLinks::release_previous`]. Returns how many were attached.
+    pub fn detach_ours(&mut self) -> usize {
         let detached = self.held.len();
         for (_, fd, path) in self.held.drain(..) {
             if let Some(path) = path {
@@ -475,22 +476,13 @@ impl NetfilterLinks {
             }
             drop(fd);
         }
-        if detached > 0 {
-            tracing::info!(hooks = detached, "netfilter program detached (no local pod's egress is enforced)");
-        }
+        detached
     }
 
     /// Detaches ours and a previous agent's.
     pub fn detach_all(&mut self) {
-        for (_, fd, path) in self.held.drain(..) {
-            if let Some(path) = path {
-                let _ = std::fs::remove_file(path);
-            }
-            drop(fd);
-        }
-        for path in self.previous.drain(..) {
-            let _ = std::fs::remove_file(path);
-        }
+        self.detach_ours();
+        self.release_previous();
     }
 
     /// Exits leaving pinned links attached; returns how many stay.
@@ -525,11 +517,10 @@ impl NetfilterHooks {
     }
 
     pub fn detach(&mut self) {
-        self.links.detach_ours();
-    }
-
-    pub fn attached(&self) -> bool {
-        self.links.attached()
+        let hooks = self.links.detach_ours();
+        if hooks > 0 {
+            tracing::info!(hooks, "netfilter program detached (no local pod's egress is enforced)");
+        }
     }
 }
 

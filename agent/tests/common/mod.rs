@@ -58,6 +58,13 @@ pub mod services;
 pub struct BpffsMounts(Vec<PathBuf>);
 
 impl BpffsMounts {
+    /// One bpffs per node of `cluster`, where its agent looks for it; their paths in node order.
+    pub fn for_nodes(cluster: &Cluster) -> (BpffsMounts, Vec<PathBuf>) {
+        let paths: Vec<PathBuf> =
+            cluster.nodes.iter().map(|n| PathBuf::from(netsieve_tests::seed_cluster::node_bpffs(cluster, &n.name))).collect();
+        (BpffsMounts::mount(paths.clone()), paths)
+    }
+
     pub fn mount(paths: Vec<PathBuf>) -> BpffsMounts {
         let mut mounts = BpffsMounts(Vec::new());
         for path in paths {
@@ -76,4 +83,10 @@ impl Drop for BpffsMounts {
             let _ = std::process::Command::new("umount").arg(path).status();
         }
     }
+}
+
+/// How many pins an agent left in `dir` of its pin directory on the node's bpffs (`links`: TC
+/// links, `netfilter-links`).
+pub fn pins(bpffs: &Path, node: &str, dir: &str) -> usize {
+    std::fs::read_dir(bpffs.join("netsieve").join(node).join(dir)).map_or(0, |d| d.count())
 }
