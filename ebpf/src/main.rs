@@ -32,13 +32,19 @@ const FRAGMENT_ALLOWED: u8 = 1;
 const FRAGMENT_AUDITED: u8 = 2;
 
 /// TC ingress of the pod's host-side veth: traffic the pod sends (its egress policy).
+///
+/// `inline(always)` applies to the function `#[classifier]` nests in the entry point it
+/// generates: left to LLVM, this one was compiled as a BPF-to-BPF call, a call and a return on
+/// every packet (the return through the kernel's return thunk where the CPU needs one).
 #[classifier]
+#[inline(always)]
 pub fn netsieve_from_pod(ctx: TcContext) -> i32 {
     action(try_enforce(&ctx, DIRECTION_EGRESS, true))
 }
 
 /// TC egress of the pod's host-side veth: traffic sent to the pod (its ingress policy).
 #[classifier]
+#[inline(always)]
 pub fn netsieve_to_pod(ctx: TcContext) -> i32 {
     action(try_enforce(&ctx, DIRECTION_INGRESS, true))
 }
@@ -123,6 +129,7 @@ pub mod calibration {
     /// The to-pod program on a new flow at every run: the first packet of a flow conntrack has
     /// never seen (a fresh insert, where repeating one SYN measures replacing its entry).
     #[classifier]
+    #[inline(always)]
     pub fn netsieve_cal_new_flows(ctx: TcContext) -> i32 {
         if !next_source_port(&ctx) {
             return TC_ACT_SHOT;
@@ -164,12 +171,14 @@ pub mod calibration {
     /// The to-pod program without the flow cache: what an established flow's packet costs
     /// when its cache slot holds another flow (conntrack decides).
     #[classifier]
+    #[inline(always)]
     pub fn netsieve_cal_to_pod_uncached(ctx: TcContext) -> i32 {
         action(try_enforce(&ctx, DIRECTION_INGRESS, false))
     }
 
     /// The from-pod program without the flow cache.
     #[classifier]
+    #[inline(always)]
     pub fn netsieve_cal_from_pod_uncached(ctx: TcContext) -> i32 {
         action(try_enforce(&ctx, DIRECTION_EGRESS, false))
     }
