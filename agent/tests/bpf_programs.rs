@@ -25,6 +25,7 @@ use netsieve_common::{
     REASON_POLICY_DENIED, REASON_SPOOFED, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED, VerdictEvent,
 };
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Loopback: BPF_PROG_TEST_RUN gives the skb this device when the context names ifindex 1.
@@ -924,7 +925,10 @@ fn kernel_agrees_with_semantics_on_random_clusters_and_flow_sequences() {
         // Clean maps for the next cluster: an empty node program removes every entry.
         sync.sync(&mut k.maps, &NodeProgram::default()).expect("clear");
     }
-    println!(
+    // Straight to the process's stderr, past libtest's capture: `cargo xtask test` shows the
+    // counts on every run, not only when the test fails.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "differential: {packets} TC packets, {netfilter_packets} netfilter packets, {sequences} flow sequences run in the kernel, {} disagreements",
         disagreements.len()
     );
