@@ -289,10 +289,19 @@ impl Above {
 /// `program` on `frame` above the empty program, each round running the empty program and
 /// then the case on the same frame.
 fn measure_above(ebpf: &mut aya::Ebpf, program: &'static str, frame: &[u8], expect: u32) -> Result<Above, Box<dyn std::error::Error>> {
+    measure_pairs(ebpf, frame, |ebpf| timed_run(ebpf, program, frame, REPEAT, expect))
+}
+
+/// `ROUNDS` pairs of the empty TC program on `frame` and then `case` (its time per packet).
+fn measure_pairs(
+    ebpf: &mut aya::Ebpf,
+    frame: &[u8],
+    mut case: impl FnMut(&mut aya::Ebpf) -> Result<f64, Box<dyn std::error::Error>>,
+) -> Result<Above, Box<dyn std::error::Error>> {
     let mut pairs = Vec::new();
     for _ in 0..ROUNDS {
         let empty = timed_run(ebpf, PROGRAM_PASS, frame, REPEAT, RETURN_PASS)?;
-        pairs.push((timed_run(ebpf, program, frame, REPEAT, expect)?, empty));
+        pairs.push((case(ebpf)?, empty));
     }
     Ok(Above::from_pairs(&pairs))
 }
@@ -355,17 +364,14 @@ fn measure_fresh_keys(
 
 /// The netfilter program on `frame` above the empty TC program, in pairs as [`measure_above`].
 fn measure_netfilter_above(ebpf: &mut aya::Ebpf, program: &NetfilterProgram, frame: &[u8]) -> Result<Above, Box<dyn std::error::Error>> {
-    let mut pairs = Vec::new();
-    for _ in 0..ROUNDS {
-        let empty = timed_run(ebpf, PROGRAM_PASS, frame, REPEAT, RETURN_PASS)?;
+    measure_pairs(ebpf, frame, |_| {
         let run = netfilter::test_run(program, frame, false, TEST_HOOK_POST_ROUTING, REPEAT)
             .map_err(|e| format!("netfilter test run: {e}"))?;
         if run.verdict != 1 {
             return Err(format!("the netfilter program returned {} instead of NF_ACCEPT", run.verdict).into());
         }
-        pairs.push((f64::from(run.duration_ns), empty));
-    }
-    Ok(Above::from_pairs(&pairs))
+        Ok(f64::from(run.duration_ns))
+    })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
